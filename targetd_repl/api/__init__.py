@@ -1,0 +1,1 @@
+"""Control API servicers: protobuf <-> domain, errors -> gRPC status codes."""

@@ -1,0 +1,1 @@
+"""The TCMU data path: uio ring transport, SCSI emulation, handler, runner."""

@@ -1,0 +1,1 @@
+"""The QEMU real-kernel lab: host preparation, guest boot, scenarios."""

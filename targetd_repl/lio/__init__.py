@@ -1,0 +1,1 @@
+"""LIO configuration: the only package that imports rtslib_fb."""

@@ -1,0 +1,1 @@
+"""Journal replication between sites: sender, receiver, resync, handshake, channel."""

@@ -1,0 +1,1 @@
+"""The storage engine: volumes, journal, bitmaps, snapshots, metadata store."""
