@@ -85,3 +85,10 @@ class MetadataError(StorageError):
 
 class WriteProtected(TargetdReplError):
     """A write reached a volume whose group is secondary here (SCSI: DATA PROTECT)."""
+
+
+# --- LIO -----------------------------------------------------------------------------------------
+
+
+class LioError(TargetdReplError):
+    """LIO (configfs, through rtslib) refused a change; the message names the object."""

@@ -79,6 +79,8 @@ class GroupInfo:
     role: Role
     epoch: int
     created_at: float
+    applied_seq: int = 0  # highest journal seq applied to the volumes and flushed (checkpoint)
+    acked_seq: int = 0  # highest journal seq the peer acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ class PairInfo:
     mode: PairMode
     state: PairState
     updated_at: float
+    detail: str = ""  # the last error or note that came with the state (free-form)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,1 +1,84 @@
-"""LIO configuration: the only package that imports rtslib_fb."""
+"""LIO configuration through rtslib-fb: the only package that imports rtslib_fb (in `rts`).
+
+`config` holds the wanted state as plain data and the naming rules, `plan` compares it with what
+configfs holds (pure, unit-tested), `rts` reads configfs and applies the plan under one lock,
+saving the configuration after each change. Callers use `reconcile(LioConfig(...))` or the
+idempotent `ensure_*` / `remove_*` functions; every failure is a `LioError` naming the object.
+"""
+
+from targetd_repl.lio.config import (
+    IQN_PREFIX,
+    USER_SUBTYPE,
+    AclSpec,
+    AluaGroupSpec,
+    AluaState,
+    BackstoreKind,
+    Chap,
+    LioConfig,
+    LunSpec,
+    Portal,
+    UioName,
+    parse_uio_name,
+    site_iqn,
+    user_config,
+)
+from targetd_repl.lio.plan import LioState, plan
+from targetd_repl.lio.rts import (
+    apply,
+    ensure_acl,
+    ensure_alua_group,
+    ensure_fileio_backstore,
+    ensure_lun,
+    ensure_portal,
+    ensure_target,
+    ensure_user_backstore,
+    read_state,
+    reconcile,
+    remove_acl,
+    remove_backstore,
+    remove_lun,
+    remove_portal,
+    remove_target,
+    save_config,
+    set_alua_state,
+    set_demo_mode,
+    set_lun_alua_group,
+)
+
+__all__ = [
+    "IQN_PREFIX",
+    "USER_SUBTYPE",
+    "AclSpec",
+    "AluaGroupSpec",
+    "AluaState",
+    "BackstoreKind",
+    "Chap",
+    "LioConfig",
+    "LioState",
+    "LunSpec",
+    "Portal",
+    "UioName",
+    "apply",
+    "ensure_acl",
+    "ensure_alua_group",
+    "ensure_fileio_backstore",
+    "ensure_lun",
+    "ensure_portal",
+    "ensure_target",
+    "ensure_user_backstore",
+    "parse_uio_name",
+    "plan",
+    "read_state",
+    "reconcile",
+    "remove_acl",
+    "remove_backstore",
+    "remove_lun",
+    "remove_portal",
+    "remove_target",
+    "save_config",
+    "set_alua_state",
+    "set_demo_mode",
+    "set_lun_alua_group",
+    "site_iqn",
+    "user_config",
+]

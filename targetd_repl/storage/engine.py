@@ -1,0 +1,315 @@
+"""A site's storage: the state directory, the metadata store and one GroupStore per group.
+
+Layout under the state directory:
+    metadata.db                     SQLite: volumes, groups, pairs, epochs, snapshot catalogue
+    volumes/<volume>.img            the volume images (sparse files)
+    snapshots/<volume>/<name>.cow   before-images of each snapshot
+    groups/<group>/journal/         the group's journal segments
+
+Every volume belongs to exactly one group (a group is the unit that journals and replicates);
+a volume created without a group gets a group of its own, named after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+from targetd_repl.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from targetd_repl.model import (
+    BLOCK_SIZES,
+    GroupInfo,
+    Role,
+    SnapshotInfo,
+    SnapshotKind,
+    VolumeInfo,
+    check_name,
+)
+from targetd_repl.storage.group_store import Buffer, GroupSettings, GroupStore, OpenVolume
+from targetd_repl.storage.metadata import MetadataStore
+from targetd_repl.storage.range_lock import RangeLock
+from targetd_repl.storage.snapshot import SnapshotSet
+from targetd_repl.storage.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+class StorageEngine:
+    """Thread-safe facade over a site's storage. Open with `StorageEngine.open`."""
+
+    def __init__(self, state_dir: Path, metadata: MetadataStore, settings: GroupSettings) -> None:
+        self._dir = state_dir
+        self._metadata = metadata
+        self._settings = settings
+        self._groups: dict[int, GroupStore] = {}
+        self._admin = threading.RLock()  # create/delete/move: one at a time
+
+    @classmethod
+    def open(
+        cls, state_dir: Path, *, site: str, settings: GroupSettings | None = None
+    ) -> StorageEngine:
+        state_dir = Path(state_dir)
+        for sub in ("volumes", "snapshots", "groups"):
+            (state_dir / sub).mkdir(parents=True, exist_ok=True)
+        metadata = MetadataStore.open_in(state_dir, site=site)
+        engine = cls(state_dir, metadata, settings or GroupSettings())
+        try:
+            for group in metadata.list_groups():
+                engine._open_group(group)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def close(self) -> None:
+        with self._admin:
+            groups, self._groups = self._groups, {}
+            for store in groups.values():
+                try:
+                    store.close()
+                except Exception as error:  # close the rest; the next open replays this one
+                    log.error("group %s did not close cleanly: %s", store.name, error)
+            self._metadata.close()
+
+    @property
+    def metadata(self) -> MetadataStore:
+        return self._metadata
+
+    @property
+    def state_dir(self) -> Path:
+        return self._dir
+
+    # --- paths ---------------------------------------------------------------------------------
+
+    def _volume_path(self, name: str) -> Path:
+        return self._dir / "volumes" / f"{name}.img"
+
+    def _snapshot_dir(self, name: str) -> Path:
+        return self._dir / "snapshots" / name
+
+    def _group_dir(self, name: str) -> Path:
+        return self._dir / "groups" / name
+
+    # --- opening -------------------------------------------------------------------------------
+
+    def _open_volume(self, info: VolumeInfo) -> OpenVolume:
+        volume = Volume.open(self._volume_path(info.name), block_size=info.block_size)
+        try:
+            snapshots = SnapshotSet(
+                self._snapshot_dir(info.name), volume, chunk_size=self._settings.region_size
+            )
+        except BaseException:
+            volume.close()
+            raise
+        self._drop_uncatalogued_snapshots(info, snapshots)
+        return OpenVolume(info, volume, snapshots, RangeLock(self._settings.region_size))
+
+    def _drop_uncatalogued_snapshots(self, info: VolumeInfo, snapshots: SnapshotSet) -> None:
+        """A store without a catalogue row was never reported created (crash in between)."""
+        catalogued = {s.name for s in self._metadata.list_snapshots(info.id)}
+        for snap in snapshots.list():
+            if snap.name not in catalogued:
+                log.warning("volume %s: removing uncatalogued snapshot %s", info.name, snap.name)
+                snapshots.delete(snap.name)
+
+    def _open_group(self, info: GroupInfo) -> GroupStore:
+        opened: list[OpenVolume] = []
+        try:
+            for vinfo in self._metadata.list_volumes(info.id):
+                opened.append(self._open_volume(vinfo))
+            store = GroupStore.open(
+                self._group_dir(info.name), info, self._metadata, opened, self._settings
+            )
+        except BaseException:
+            for ov in opened:
+                ov.close()
+            raise
+        self._groups[info.id] = store
+        return store
+
+    def _reopen_group(self, group_id: int) -> GroupStore:
+        """Close and open a group again after its membership changed."""
+        old = self._groups.pop(group_id, None)
+        if old is not None:
+            old.close()
+        return self._open_group(self._metadata.get_group_by_id(group_id))
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    def group(self, name: str) -> GroupStore:
+        info = self._metadata.get_group(name)
+        return self._groups[info.id]
+
+    def group_of(self, volume: str) -> tuple[GroupStore, int]:
+        """The group store serving `volume`, and the volume's id."""
+        info = self._metadata.get_volume(volume)
+        if info.group_id is None:  # only reachable if the metadata was edited by hand
+            raise FailedPrecondition(f"volume {volume!r} belongs to no group")
+        return self._groups[info.group_id], info.id
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        return self._metadata.list_volumes()
+
+    def list_groups(self) -> list[GroupInfo]:
+        return self._metadata.list_groups()
+
+    # --- volumes -------------------------------------------------------------------------------
+
+    def create_volume(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        block_size: int = 512,
+        group: str | None = None,
+        role: Role = Role.PRIMARY,
+    ) -> VolumeInfo:
+        """Create a sparse volume in `group` (default: a new group named after the volume)."""
+        check_name("volume", name)
+        if block_size not in BLOCK_SIZES:
+            raise InvalidArgument(f"block size {block_size} is not one of {BLOCK_SIZES}")
+        with self._admin:
+            path = self._volume_path(name)
+            if path.exists():
+                raise AlreadyExists(
+                    f"volume {name!r}: the image {path} exists but is not catalogued; "
+                    "move it away to reuse the name"
+                )
+            group_info = (
+                self._metadata.get_group(group)
+                if group is not None
+                else self._metadata.create_group(name, role)
+            )
+            # Image first, catalogue second: a crash between leaves a file, never a row without one.
+            Volume.create(path, size_bytes=size_bytes, block_size=block_size).close()
+            try:
+                info = self._metadata.create_volume(name, size_bytes, block_size)
+                info = self._metadata.add_volume_to_group(group_info.id, info.id)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            self._reopen_group(group_info.id)
+            return info
+
+    def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
+        with self._admin:
+            store, volume_id = self.group_of(name)
+            ov = store.volume(volume_id)
+            if store.info.id in {p.group_id for p in self._metadata.list_pairs()}:
+                raise FailedPrecondition(
+                    f"cannot resize volume {name!r}: group {store.name!r} is paired "
+                    "(both sites must resize together)"
+                )
+            store.checkpoint()
+            ov.snapshots.before_resize(size_bytes)
+            ov.volume.resize(size_bytes)
+            info = self._metadata.resize_volume(name, size_bytes)
+            self._reopen_group(store.info.id)
+            return info
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume (no snapshots left, group unpaired). The group made for it alone
+        goes with it."""
+        with self._admin:
+            info = self._metadata.get_volume(name)
+            snapshots = [s.name for s in self._metadata.list_snapshots(info.id)]
+            if snapshots:
+                raise FailedPrecondition(
+                    f"volume {name!r} still has snapshot(s) {', '.join(snapshots)}; "
+                    "delete them first"
+                )
+            group_id = info.group_id
+            if group_id is not None:
+                self._groups[group_id].checkpoint()  # no record of it left to replay
+                self._metadata.remove_volume_from_group(group_id, info.id)  # refuses if paired
+            self._metadata.delete_volume(info.id)
+            # Catalogue first, files second: a crash between leaves an orphan file, no dangling row.
+            self._volume_path(name).unlink(missing_ok=True)
+            shutil.rmtree(self._snapshot_dir(name), ignore_errors=True)
+            if group_id is not None:
+                group = self._metadata.get_group_by_id(group_id)
+                if group.name == name and not self._metadata.list_volumes(group_id):
+                    self.delete_group(group.name)
+                else:
+                    self._reopen_group(group_id)
+
+    # --- groups --------------------------------------------------------------------------------
+
+    def create_group(self, name: str, role: Role = Role.PRIMARY) -> GroupInfo:
+        with self._admin:
+            info = self._metadata.create_group(name, role)
+            self._open_group(info)
+            return info
+
+    def move_volume(self, volume: str, group: str) -> VolumeInfo:
+        """Move a volume into another group (both unpaired); its old journal is checkpointed
+        first so no record of it is left to replay in the old group."""
+        with self._admin:
+            vinfo = self._metadata.get_volume(volume)
+            ginfo = self._metadata.get_group(group)
+            if vinfo.group_id == ginfo.id:
+                return vinfo
+            if vinfo.group_id is not None:
+                old = self._groups[vinfo.group_id]
+                old.checkpoint()
+                self._metadata.remove_volume_from_group(vinfo.group_id, vinfo.id)
+                self._reopen_group(vinfo.group_id)
+            info = self._metadata.add_volume_to_group(ginfo.id, vinfo.id)
+            self._reopen_group(ginfo.id)
+            return info
+
+    def delete_group(self, name: str) -> None:
+        with self._admin:
+            info = self._metadata.get_group(name)
+            self._metadata.delete_group(name)  # refuses while volumes or a pair remain
+            store = self._groups.pop(info.id, None)
+            if store is not None:
+                store.close()
+            shutil.rmtree(self._group_dir(name), ignore_errors=True)
+
+    # --- I/O (the entry point the TCMU handler and `io write|read` share) ----------------------
+
+    def write(self, volume: str, lba: int, data: Buffer) -> int:
+        store, volume_id = self.group_of(volume)
+        return store.write(volume_id, lba, data)
+
+    def write_zeros(self, volume: str, lba: int, nblocks: int) -> int:
+        store, volume_id = self.group_of(volume)
+        return store.write_zeros(volume_id, lba, nblocks)
+
+    def read(self, volume: str, lba: int, nblocks: int) -> bytes:
+        store, volume_id = self.group_of(volume)
+        return store.read(volume_id, lba, nblocks)
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, volume: str, name: str, kind: SnapshotKind = SnapshotKind.USER
+    ) -> SnapshotInfo:
+        check_name("snapshot", name)
+        store, volume_id = self.group_of(volume)
+        return store.create_snapshot([volume_id], name, kind)[0]
+
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        return self._metadata.list_snapshots(volume)
+
+    def delete_snapshot(self, volume: str, name: str) -> None:
+        store, volume_id = self.group_of(volume)
+        store.delete_snapshot(volume_id, name)
+
+    def read_snapshot(self, volume: str, name: str, lba: int, nblocks: int) -> bytes:
+        store, volume_id = self.group_of(volume)
+        self._metadata.get_snapshot(volume, name)  # NotFound names the catalogue
+        return store.volume(volume_id).snapshots.get(name).read(lba, nblocks)
+
+    def rollback_snapshot(self, volume: str, name: str, regions: list[int] | None = None) -> int:
+        store, volume_id = self.group_of(volume)
+        self._metadata.get_snapshot(volume, name)
+        if store.info.id in {p.group_id for p in self._metadata.list_pairs()}:
+            raise FailedPrecondition(
+                f"cannot roll back volume {volume!r}: group {store.name!r} is paired; "
+                "suspend and delete the pair, or use failback"
+            )
+        return store.rollback_snapshot(volume_id, name, regions)

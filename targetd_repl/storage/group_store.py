@@ -1,0 +1,421 @@
+"""One consistency group at this site: the write path every writer uses (the TCMU handler, the
+control API's `io write`, later the replication receiver), crash replay, checkpoints, snapshots.
+
+The write path, in this order, each step deliberate:
+  1. validate the request (a bad LBA must leave no journal record);
+  2. hold the write barrier (shared) and the range lock of the bytes written;
+  3. append the record to the group's journal — returns once durable (group commit);
+  4. save before-images for every snapshot that lacks them — durable before the overwrite;
+  5. write the volume (page cache: the journal already holds the data durably);
+  6. mark the seq applied in the watermark.
+The write is acknowledged after step 6. A crash anywhere is repaired at open by replaying the
+journal from the checkpoint (`applied_seq` in the metadata store), which only ever names a seq
+whose data every volume of the group had fdatasync'ed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from targetd_repl.errors import (
+    FailedPrecondition,
+    JournalCorrupt,
+    JournalFull,
+    NotFound,
+    StorageError,
+    WriteProtected,
+)
+from targetd_repl.model import (
+    DEFAULT_REGION_SIZE,
+    GroupInfo,
+    RecordKind,
+    Role,
+    SnapshotInfo,
+    SnapshotKind,
+    VolumeInfo,
+)
+from targetd_repl.storage.barrier import WriteBarrier
+from targetd_repl.storage.journal import Journal
+from targetd_repl.storage.journal_record import Record
+from targetd_repl.storage.metadata import MetadataStore
+from targetd_repl.storage.range_lock import RangeLock
+from targetd_repl.storage.snapshot import SnapshotSet
+from targetd_repl.storage.volume import Volume
+from targetd_repl.storage.watermark import SequenceWatermark
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSettings:
+    journal_size_limit: int = 1 << 30
+    journal_segment_size: int = 64 << 20
+    region_size: int = DEFAULT_REGION_SIZE
+
+
+@dataclass(slots=True)
+class OpenVolume:
+    """A volume of the group with what its writes need beside it."""
+
+    info: VolumeInfo
+    volume: Volume
+    snapshots: SnapshotSet
+    ranges: RangeLock
+
+    def close(self) -> None:
+        self.snapshots.close()
+        self.volume.close()
+
+
+class GroupStore:
+    """A group's journal and volumes. Thread-safe; one instance per group per process."""
+
+    def __init__(
+        self,
+        info: GroupInfo,
+        journal: Journal,
+        metadata: MetadataStore,
+        volumes: list[OpenVolume],
+    ) -> None:
+        self._info = info
+        self._journal = journal
+        self._metadata = metadata
+        self._volumes = {v.info.id: v for v in volumes}
+        self._barrier = WriteBarrier()
+        self._applied = SequenceWatermark(info.applied_seq)
+        self._checkpointed = info.applied_seq
+        self._checkpoint_lock = threading.Lock()
+        self._failure: BaseException | None = None
+        # Replication sets this: the lowest seq the peer still needs; trim never passes it.
+        self.retain_from: Callable[[], int] | None = None
+
+    @classmethod
+    def open(
+        cls,
+        group_dir: Path,
+        info: GroupInfo,
+        metadata: MetadataStore,
+        volumes: list[OpenVolume],
+        settings: GroupSettings,
+    ) -> GroupStore:
+        journal = Journal.open(
+            group_dir / "journal",
+            group_id=info.id,
+            size_limit=settings.journal_size_limit,
+            segment_size=settings.journal_segment_size,
+            start_seq=info.applied_seq + 1,
+        )
+        store = cls(info, journal, metadata, volumes)
+        try:
+            store._replay()
+        except BaseException:
+            journal.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Checkpoint (so the next open replays nothing) and close the journal and volumes."""
+        try:
+            if self._failure is None:
+                self.checkpoint()
+        finally:
+            self._journal.close()
+            for ov in self._volumes.values():
+                ov.close()
+            self._volumes.clear()
+
+    # --- identity and role -----------------------------------------------------------------
+
+    @property
+    def info(self) -> GroupInfo:
+        return self._info
+
+    @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
+    def role(self) -> Role:
+        return self._info.role
+
+    @property
+    def journal(self) -> Journal:
+        return self._journal
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied.value
+
+    def volume_ids(self) -> list[int]:
+        return list(self._volumes)
+
+    def set_role(self, role: Role) -> None:
+        """Change the role here. Writers inside finish first: a demotion must not let a write
+        that started as primary land after the demotion is reported."""
+        with self._barrier.closed():
+            self._info = self._metadata.set_role(self._info.id, role)
+
+    def refresh(self) -> None:
+        """Reload the group's row (epoch, role) after another component changed it."""
+        self._info = self._metadata.get_group_by_id(self._info.id)
+
+    def _open_volume(self, volume_id: int) -> OpenVolume:
+        try:
+            return self._volumes[volume_id]
+        except KeyError:
+            raise NotFound(f"volume id {volume_id} is not in group {self.name!r}") from None
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise StorageError(
+                f"group {self.name!r} stopped after an I/O failure ({self._failure}); "
+                "restart the controller to replay its journal"
+            )
+
+    # --- the write path ------------------------------------------------------------------------
+
+    def write(self, volume_id: int, lba: int, data: Buffer) -> int:
+        """Write whole blocks at `lba`; return the journal seq once durable and applied."""
+        view = memoryview(data).cast("B")
+        return self._mutate(RecordKind.WRITE, volume_id, lba, view, view.nbytes)
+
+    def write_zeros(self, volume_id: int, lba: int, nblocks: int) -> int:
+        """Make blocks read as zeros (UNMAP, WRITE SAME of zeros); journaled without data."""
+        ov = self._open_volume(volume_id)
+        return self._mutate(RecordKind.ZERO, volume_id, lba, None, nblocks * ov.volume.block_size)
+
+    def compare_and_write(self, volume_id: int, lba: int, expected: Buffer, new: Buffer) -> int:
+        """Atomically: if the blocks at `lba` equal `expected`, write `new` there and return -1;
+        else write nothing and return the offset of the first differing byte."""
+        expect = memoryview(expected).cast("B")
+        view = memoryview(new).cast("B")
+        ov, offset = self._check_write(volume_id, lba, view.nbytes)
+        # One hold across the compare and the write: no other write may slip between them.
+        with self._write_slot(ov, offset, view.nbytes):
+            current = ov.volume.pread(offset, expect.nbytes)
+            if current != expect:
+                return next(
+                    i for i, (a, b) in enumerate(zip(current, expect, strict=True)) if a != b
+                )
+            self._journal_and_apply(RecordKind.WRITE, ov, lba, offset, view)
+            return -1
+
+    def _check_write(self, volume_id: int, lba: int, length: int) -> tuple[OpenVolume, int]:
+        """Validate before anything is journaled: a refused write must leave no record."""
+        self._check_usable()
+        ov = self._open_volume(volume_id)
+        offset = ov.volume.check_range(lba, ov.volume.blocks_of(lba, length))
+        self._require_primary(ov)
+        return ov, offset
+
+    def _require_primary(self, ov: OpenVolume) -> None:
+        if self._info.role is not Role.PRIMARY:
+            raise WriteProtected(
+                f"volume {ov.info.name!r} is read-only here: group {self.name!r} is "
+                f"{self._info.role.value} at this site"
+            )
+
+    @contextmanager
+    def _write_slot(self, ov: OpenVolume, offset: int, length: int) -> Iterator[None]:
+        # Barrier before range, always in this order, so a snapshot never deadlocks a writer.
+        # Overlapping writes reach the volume in journal order: the secondary applies in that
+        # order, so any other order would leave the two images different.
+        with self._barrier.writer(), ov.ranges.hold(offset, length):
+            yield
+
+    def _mutate(
+        self, kind: RecordKind, volume_id: int, lba: int, data: memoryview | None, length: int
+    ) -> int:
+        ov, offset = self._check_write(volume_id, lba, length)
+        with self._write_slot(ov, offset, length):
+            return self._journal_and_apply(kind, ov, lba, offset, data, length)
+
+    def _journal_and_apply(
+        self,
+        kind: RecordKind,
+        ov: OpenVolume,
+        lba: int,
+        offset: int,
+        data: memoryview | None,
+        length: int | None = None,
+    ) -> int:
+        if length is None:
+            assert data is not None
+            length = data.nbytes
+        # Re-checked inside the slot: a demotion closes the barrier, so no write passes it late.
+        self._require_primary(ov)
+        seq = self._append(kind, ov, lba, data, length)
+        try:
+            self._apply(ov, kind, lba, offset, data, length)
+        except BaseException as error:
+            # The journal now holds a record the volume lacks: stop the group; the replay at the
+            # next open applies it. Serving on would let reads disagree with the journal.
+            self._failure = error
+            log.error("group %s: volume write failed after journaling: %s", self.name, error)
+            raise
+        self._applied.complete(seq)
+        return seq
+
+    def _append(
+        self, kind: RecordKind, ov: OpenVolume, lba: int, data: memoryview | None, length: int
+    ) -> int:
+        payload = data if data is not None else memoryview(b"")
+        try:
+            return self._journal.append(
+                kind, ov.info.id, lba, payload, epoch=self._info.epoch, length=length
+            )
+        except JournalFull:
+            # Without a peer holding records back, a checkpoint frees the journal; try once.
+            if self.checkpoint_and_trim() == 0:
+                raise
+            return self._journal.append(
+                kind, ov.info.id, lba, payload, epoch=self._info.epoch, length=length
+            )
+
+    @staticmethod
+    def _apply(
+        ov: OpenVolume,
+        kind: RecordKind,
+        lba: int,
+        offset: int,
+        data: memoryview | None,
+        length: int,
+    ) -> None:
+        if kind is RecordKind.MARKER or length == 0:
+            return
+        # before_write returns only once the before-images are durable: the overwrite follows.
+        ov.snapshots.before_write(offset, length)
+        if kind is RecordKind.WRITE:
+            assert data is not None
+            ov.volume.write(lba, data)
+        else:
+            ov.volume.write_zeros(lba, length // ov.volume.block_size)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def read(self, volume_id: int, lba: int, nblocks: int) -> bytes:
+        self._check_usable()
+        return self._open_volume(volume_id).volume.read(lba, nblocks)
+
+    def readinto(self, volume_id: int, lba: int, buf: bytearray | memoryview) -> None:
+        self._check_usable()
+        self._open_volume(volume_id).volume.readinto(lba, buf)
+
+    def volume(self, volume_id: int) -> OpenVolume:
+        return self._open_volume(volume_id)
+
+    # --- replay and checkpoints ----------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Apply every journal record past the checkpoint, in sequence order, then checkpoint."""
+        start = self._info.applied_seq + 1
+        journal = self._journal
+        if journal.next_seq <= start:
+            return
+        if journal.first_seq > start:
+            raise JournalCorrupt(
+                f"group {self.name!r}: the journal starts at seq {journal.first_seq} but the "
+                f"checkpoint needs every record from seq {start}"
+            )
+        count = 0
+        for record in journal.read_from(start):
+            self._apply_record(record)
+            count += 1
+        last = journal.next_seq - 1
+        self._applied.reset(last)
+        self.checkpoint()
+        log.info("group %s: replayed %d journal records up to seq %d", self.name, count, last)
+
+    def _apply_record(self, record: Record) -> None:
+        ov = self._volumes.get(record.volume_id)
+        if ov is None:
+            raise JournalCorrupt(
+                f"group {self.name!r}: journal record seq {record.seq} names volume id "
+                f"{record.volume_id}, which is not in the group"
+            )
+        kind = RecordKind(record.kind)
+        offset = ov.volume.check_range(record.lba, ov.volume.blocks_of(record.lba, record.length))
+        data = memoryview(record.data) if kind is RecordKind.WRITE else None
+        self._apply(ov, kind, record.lba, offset, data, record.length)
+
+    def checkpoint(self) -> int:
+        """Make every applied record durable in the volumes and record that; return the seq."""
+        with self._checkpoint_lock:
+            upto = self._applied.value
+            if upto == self._checkpointed:
+                return upto
+            for ov in self._volumes.values():
+                ov.volume.flush()
+            # Record the checkpoint only after the flush: it promises the volumes hold `upto`.
+            self._info = self._metadata.set_checkpoint(self._info.id, applied_seq=upto)
+            self._checkpointed = upto
+            return upto
+
+    def checkpoint_and_trim(self) -> int:
+        """Checkpoint, then free journal segments nobody needs; return the bytes freed."""
+        upto = self.checkpoint()
+        if self.retain_from is not None:
+            upto = min(upto, self.retain_from() - 1)
+        before = self._journal.used_bytes
+        self._journal.trim(upto)
+        return before - self._journal.used_bytes
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def create_snapshot(
+        self, volume_ids: list[int], name: str, kind: SnapshotKind = SnapshotKind.USER
+    ) -> list[SnapshotInfo]:
+        """Snapshot the given volumes of the group at one instant (one seq for all)."""
+        self._check_usable()
+        opened = [self._open_volume(v) for v in volume_ids]
+        for ov in opened:
+            if name in ov.snapshots:
+                raise FailedPrecondition(
+                    f"snapshot {name!r} of volume {ov.info.name!r} already exists"
+                )
+        with self._barrier.closed():
+            # No write inside and a checkpoint at `seq`: the snapshots hold exactly the records
+            # up to `seq`, and a replay after a crash never re-applies one from before them.
+            seq = self.checkpoint()
+            infos = []
+            for ov in opened:
+                # Store first, catalogue second: a crash between leaves an orphan store that
+                # open() removes, never a catalogued snapshot without its before-images.
+                ov.snapshots.create(name)
+                infos.append(
+                    self._metadata.create_snapshot(
+                        ov.info.id, name, kind, epoch=self._info.epoch, seq=seq
+                    )
+                )
+            return infos
+
+    def delete_snapshot(self, volume_id: int, name: str) -> None:
+        ov = self._open_volume(volume_id)
+        # Catalogue first: once the row is gone nobody can reach the snapshot; a crash before
+        # the store is removed leaves an orphan store that open() removes.
+        self._metadata.delete_snapshot(ov.info.id, name)
+        ov.snapshots.delete(name)
+
+    def rollback_snapshot(self, volume_id: int, name: str, regions: list[int] | None) -> int:
+        """Copy a snapshot's preserved regions back into the volume; return how many."""
+        self._check_usable()
+        ov = self._open_volume(volume_id)
+        ov.snapshots.get(name)  # NotFound before anything changes
+        with self._barrier.closed():
+            # Checkpoint first: records before the rollback must never be replayed over it.
+            self.checkpoint()
+            restored = ov.snapshots.rollback(name, regions)
+            # The rollback is not journaled: it is durable in the volume before we report it.
+            ov.volume.flush()
+            return restored
+
+
+def _first_difference(a: bytes, b: memoryview) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)

@@ -1,0 +1,941 @@
+"""The journal of one consistency group: append-only, segmented, group-committed, crash-safe.
+
+Files. A journal is a directory of segments `seg-<first_seq:020d>.log`, each a run of records
+(see journal_record.py) with contiguous sequence numbers; the last segment is the active one.
+A batch never spans segments, and a segment is fdatasync'ed before the next one is created, so
+every segment but the last is complete: damage there is corruption, never a torn tail.
+
+Group commit (leader/follower, two pipelined roles). An appender computes its payload CRC with no
+lock held, then under the lock takes the next seq and joins the open batch. The first appender
+that finds no writer becomes the writer: it takes the whole open batch, stamps the headers and
+writes them with one pwritev, then hands the writer role to the first appender of the batch that
+formed meanwhile. It then takes the syncer role (one fdatasync at a time) and syncs everything
+written so far, which makes its batch (and often the next one) durable; waiting appenders are
+woken per batch. So the next batch is copied into the page cache while this one is being flushed,
+and one appender at queue depth 1 does all of it in its own thread, without a hand-off.
+
+Recovery. Each record carries commit_floor, the highest seq durable when it was written. At open
+the last segment is scanned; the first record S that fails its checks is a torn tail (truncated)
+unless a later valid record has commit_floor >= S.seq, which proves S was acknowledged: then the
+journal raises JournalCorrupt rather than drop acknowledged data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import threading
+import time
+from _thread import LockType, allocate_lock
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import crc32c
+
+from targetd_repl.errors import (
+    InvalidArgument,
+    JournalClosed,
+    JournalCorrupt,
+    JournalError,
+    JournalFull,
+    SequenceGap,
+    SequenceTrimmed,
+)
+from targetd_repl.model import RecordKind
+from targetd_repl.storage.journal_record import (
+    CRC_FIELD,
+    CRC_OFFSET,
+    FORMAT_VERSION,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    U32_MAX,
+    Record,
+    check_fields,
+    decode_at,
+    payload_size,
+)
+
+__all__ = ["DEFAULT_SEGMENT_SIZE", "Journal", "segment_name"]
+
+DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+# How long a syncer may wait for the appenders the previous fsync woke (see Journal._gather).
+DEFAULT_GROUP_COMMIT_WAIT = 0.0005
+IOV_MAX = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024, 1024)
+READ_CHUNK = 1 << 20
+SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
+_WRITE = int(RecordKind.WRITE)
+
+# The fields of one append: kind, epoch, volume_id, length, lba, timestamp_ns, data, data_crc.
+_Fields = tuple[int, int, int, int, int, int, bytes | memoryview, int]
+# One queued append: its seq and its fields.
+_Entry = tuple[int, _Fields]
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:020d}.log"
+
+
+class _Segment:
+    """One segment file and its record index (offsets[i] is where seq first_seq + i starts)."""
+
+    __slots__ = ("first_seq", "offsets", "path", "size", "write_fd")
+
+    def __init__(self, path: Path, first_seq: int, offsets: array[int], size: int) -> None:
+        self.path = path
+        self.first_seq = first_seq
+        self.offsets = offsets
+        self.size = size  # bytes written (records only; a torn tail was cut at open)
+        self.write_fd: int | None = None  # open only on the active segment
+
+    @property
+    def end_seq(self) -> int:
+        """One past the last seq written to this segment."""
+        return self.first_seq + len(self.offsets)
+
+
+class _Batch:
+    """Appends that share one write. Every waiting appender blocks on a lock of its own, released
+    when the batch is finished (durable, or failed with `error`). Two of them may instead be
+    woken to take a role: the first appender of a batch that formed behind a busy writer
+    (`lead_waiter`, handed the writer role) and the batch's writer once it has written
+    (`sync_waiter`, parked while another thread syncs, maybe handed the syncer role).
+    Bare locks rather than Events: this is the hot path, and an Event costs a Condition."""
+
+    __slots__ = (
+        "entries",
+        "error",
+        "finished",
+        "last_seq",
+        "lead_waiter",
+        "sync_waiter",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.last_seq = 0
+        self.error: str | None = None
+        self.finished = False
+        self.waiters: list[LockType] = []
+        self.lead_waiter: LockType | None = None
+        self.sync_waiter: LockType | None = None
+
+    def grant_lead(self) -> None:
+        """Wake the candidate to write this batch (journal lock held)."""
+        if self.lead_waiter is not None:
+            self.lead_waiter.release()
+            self.lead_waiter = None
+
+    def grant_sync(self) -> bool:
+        """Wake this batch's parked writer to run the next fdatasync (journal lock held)."""
+        if self.sync_waiter is None:
+            return False
+        self.sync_waiter.release()
+        self.sync_waiter = None
+        return True
+
+    def finish(self, error: str | None = None) -> None:
+        """Record the outcome and wake every appender of the batch (journal lock held)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.error = error
+        for waiter in self.waiters:
+            waiter.release()
+        # Role waiters wake too; they see `finished` and return (or raise `error`).
+        self.grant_lead()
+        self.grant_sync()
+
+
+class Journal:
+    """See the module docstring. Thread-safe; open with Journal.open()."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        dir_fd: int,
+        group_id: int,
+        size_limit: int,
+        segment_size: int,
+        group_commit_wait: float,
+        segments: list[_Segment],
+    ) -> None:
+        self._path = path
+        self._dir_fd = dir_fd
+        self._group_id = group_id
+        self._size_limit = size_limit
+        self._segment_size = segment_size
+        self._group_commit_wait = group_commit_wait
+        self._segments = segments
+        self._segment_starts = [s.first_seq for s in segments]
+        self._active = segments[-1]
+        self._lock = threading.Lock()
+        # Two conditions on the one lock, so a write wakes only who waits for writes.
+        self._written_cond = threading.Condition(self._lock)  # a gathering syncer, a roll-over
+        self._state_cond = threading.Condition(self._lock)  # durable_seq, failure, close
+        last = self._active.end_seq - 1
+        self._next_seq = last + 1
+        self._written_seq = last  # highest seq whose bytes are in the file
+        self._durable_seq = last  # highest seq made durable by an fdatasync
+        self._used = sum(s.size for s in segments)  # bytes on disk plus bytes reserved by appends
+        self._open_batch = _Batch()
+        self._inflight: deque[_Batch] = deque()  # taken by a writer, not yet durable, seq order
+        self._writer_busy = False  # a writer is writing, or the role was handed to a candidate
+        self._syncing = False  # a thread holds the syncer role (gathering, syncing, rolling)
+        self._sync_group = 1  # records the last fdatasync covered: what _gather() waits for
+        self._roll_waiting = False
+        self._roll_requested = False
+        self._io_threads = 0  # threads inside a syscall on our fds: close() waits for them
+        self._closing = False
+        self._closed = False
+        self._failure: str | None = None
+        self._fsyncs = 0
+
+    # --- opening and recovery ---------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        group_id: int,
+        size_limit: int,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        start_seq: int = 1,
+        group_commit_wait: float = DEFAULT_GROUP_COMMIT_WAIT,
+    ) -> Journal:
+        """Open (or create) the journal in directory `path`, cutting a torn tail left by a crash.
+
+        `start_seq` names the first seq only when the directory holds no segment yet.
+        `group_commit_wait` bounds how long an fdatasync waits for more appends to share it.
+        Raises JournalCorrupt when damage hits a record that was acknowledged (as the commit
+        floor of a later record proves) or any record of a sealed segment."""
+        if not 0 <= group_id <= U32_MAX:
+            raise InvalidArgument(f"group id {group_id} out of range 0..{U32_MAX}")
+        if size_limit <= 0 or segment_size <= 0 or group_commit_wait < 0:
+            raise InvalidArgument(
+                "journal size_limit and segment_size must be positive, group_commit_wait >= 0"
+            )
+        if start_seq < 1:
+            raise InvalidArgument(f"journal start_seq must be >= 1, got {start_seq}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        write_fd = -1
+        try:
+            segments = _recover(path, dir_fd, group_id, start_seq)
+            write_fd = os.open(segments[-1].path, os.O_WRONLY | os.O_CLOEXEC)
+            # Records the previous process wrote but never synced are on disk only in the page
+            # cache: sync them before calling them durable.
+            os.fdatasync(write_fd)
+        except BaseException:
+            if write_fd >= 0:
+                os.close(write_fd)
+            os.close(dir_fd)
+            raise
+        segments[-1].write_fd = write_fd
+        return cls(
+            path=path,
+            dir_fd=dir_fd,
+            group_id=group_id,
+            size_limit=size_limit,
+            segment_size=segment_size,
+            group_commit_wait=group_commit_wait,
+            segments=segments,
+        )
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def group_id(self) -> int:
+        return self._group_id
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still readable (== next_seq when the journal holds no record)."""
+        with self._lock:
+            return self._segments[0].first_seq
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next append gets (last assigned + 1)."""
+        return self._next_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Every seq up to this one is durable and readable."""
+        return self._durable_seq
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes in segment files plus bytes reserved by appends not yet written."""
+        return self._used
+
+    @property
+    def size_limit(self) -> int:
+        return self._size_limit
+
+    @property
+    def fsync_count(self) -> int:
+        """fdatasync calls made for appends since open (group commit keeps this below appends)."""
+        return self._fsyncs
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    # --- appending ----------------------------------------------------------------------------
+
+    def append(
+        self,
+        kind: RecordKind,
+        volume_id: int,
+        lba: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        epoch: int,
+        length: int | None = None,
+    ) -> int:
+        """Append one record and return its seq once it is durable (fdatasync'ed).
+
+        WRITE records carry `data` (length defaults to its size); ZERO and MARKER records carry
+        none and `length` gives the range they affect. Raises JournalFull (nothing appended),
+        InvalidArgument, JournalClosed, or JournalError after an I/O error."""
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        size = len(data)
+        if length is None:
+            length = size
+        check_fields(kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch)
+        # The payload CRC is the costly part: compute it before taking any lock.
+        data_crc: int = crc32c.crc32c(data) if size else 0
+        return self._enqueue(
+            None, (int(kind), epoch, volume_id, length, lba, time.time_ns(), data, data_crc)
+        )
+
+    def append_record(self, record: Record) -> int:
+        """Append a record replicated from the peer, keeping its seq, epoch and timestamp.
+
+        Its seq must be next_seq (else SequenceGap) and its CRC must verify (else
+        JournalCorrupt). The local commit_floor is stamped, so the stored header differs from the
+        shipped one in that field and the crc."""
+        if record.group_id != self._group_id:
+            raise InvalidArgument(
+                f"record seq {record.seq} is for group {record.group_id}, "
+                f"this journal is group {self._group_id}"
+            )
+        data = record.data
+        check_fields(
+            record.kind,
+            volume_id=record.volume_id,
+            lba=record.lba,
+            length=record.length,
+            data_size=len(data),
+            epoch=record.epoch,
+        )
+        data_crc = record.data_crc()  # verifies the shipped CRC first
+        return self._enqueue(
+            record.seq,
+            (
+                int(record.kind),
+                record.epoch,
+                record.volume_id,
+                record.length,
+                record.lba,
+                record.timestamp_ns,
+                data,
+                data_crc,
+            ),
+        )
+
+    def _enqueue(self, seq: int | None, fields: _Fields) -> int:
+        record_size = HEADER_SIZE + len(fields[6])
+        with self._lock:
+            self._check_usable()
+            if self._used + record_size > self._size_limit:
+                raise JournalFull(
+                    f"journal {self._path}: {record_size} more bytes would pass the size limit "
+                    f"({self._used} of {self._size_limit} bytes used)"
+                )
+            if seq is None:
+                seq = self._next_seq
+            elif seq != self._next_seq:
+                raise SequenceGap(
+                    f"journal {self._path}: got record seq {seq}, expected {self._next_seq}"
+                )
+            self._next_seq = seq + 1
+            self._used += record_size
+            batch = self._open_batch
+            batch.entries.append((seq, fields))
+            batch.last_seq = seq
+            if self._writer_busy:
+                waiter = allocate_lock()
+                waiter.acquire()
+                if len(batch.entries) == 1:
+                    batch.lead_waiter = waiter  # first of the next batch: it will write it
+                else:
+                    batch.waiters.append(waiter)
+            else:
+                self._writer_busy = True
+                waiter = None  # no writer: this appender writes its batch itself, now
+        if waiter is not None:
+            waiter.acquire()  # released when the batch is finished, or handed to us to write
+        if not batch.finished:
+            self._lead(batch)
+        if batch.error is not None:
+            raise JournalError(batch.error)
+        return seq
+
+    # --- group commit: the writer role --------------------------------------------------------
+
+    def _lead(self, batch: _Batch) -> None:
+        """Write `batch` (writer role), hand the writer role on, then see it synced."""
+        with self._lock:
+            if batch.finished:
+                return
+            assert batch is self._open_batch
+            # Take the batch now, not at hand-off time: everything that joined while this
+            # thread woke up rides along in the same write.
+            self._open_batch = _Batch()
+            self._inflight.append(batch)
+            self._io_threads += 1
+        try:
+            self._write_batch(batch.entries)
+        except Exception as exc:
+            with self._lock:
+                self._io_threads -= 1
+                self._writer_busy = False
+                self._poison(f"writing {self._active.path}", exc)
+            if not isinstance(exc, OSError):
+                raise  # a bug, not an I/O error: the journal is poisoned, show it loudly
+            return
+        with self._lock:
+            self._io_threads -= 1
+            if self._failure is not None:
+                self._writer_busy = False
+                self._state_cond.notify_all()
+                return
+            # Hand the writer role on before syncing, so the next batch is copied into the
+            # page cache while this one is being flushed.
+            if self._open_batch.entries:
+                self._open_batch.grant_lead()
+            else:
+                self._writer_busy = False
+            if batch.finished:
+                return  # a roll-over inside the write already made it durable
+            if self._syncing:
+                # Another thread syncs: park until that sync covers us or hands us the role.
+                parked = allocate_lock()
+                parked.acquire()
+                batch.sync_waiter = parked
+            else:
+                self._syncing = True
+                parked = None
+        if parked is not None:
+            parked.acquire()
+            if batch.finished:
+                return
+        self._sync()
+
+    def _write_batch(self, entries: list[_Entry]) -> None:
+        """Stamp headers and write `entries` at the end of the active segment, rolling over to a
+        new segment first whenever the next records would not fit (never mid-record)."""
+        sizes = [HEADER_SIZE + len(fields[6]) for _, fields in entries]
+        start = 0
+        count = len(entries)
+        while start < count:
+            seg = self._active
+            if self._roll_requested and seg.size:
+                self._roll_over()
+                continue
+            room = self._segment_size - seg.size
+            end = start
+            chunk = 0
+            while end < count and chunk + sizes[end] <= room:
+                chunk += sizes[end]
+                end += 1
+            if end == start:
+                if seg.size:
+                    self._roll_over()
+                    continue
+                end = start + 1  # a record larger than a segment gets a segment of its own
+                chunk = sizes[start]
+            self._write_chunk(seg, entries[start:end], chunk)
+            start = end
+
+    def _write_chunk(self, seg: _Segment, entries: list[_Entry], nbytes: int) -> None:
+        # Reading durable_seq without the lock is safe: it only grows, and a stale (lower)
+        # floor only makes recovery more lenient about what it may call a torn tail.
+        floor = self._durable_seq
+        group_id = self._group_id
+        pack_header = HEADER.pack_into
+        pack_crc = CRC_FIELD.pack_into
+        crc = crc32c.crc32c
+        headers = bytearray(HEADER_SIZE * len(entries))
+        view = memoryview(headers)
+        iov: list[bytes | memoryview] = []
+        offsets = array("Q")
+        pos = seg.size
+        at = 0
+        for seq, (kind, epoch, volume_id, length, lba, timestamp_ns, data, data_crc) in entries:
+            pack_header(
+                headers,
+                at,
+                MAGIC,
+                FORMAT_VERSION,
+                kind,
+                0,
+                group_id,
+                seq,
+                epoch,
+                floor,
+                volume_id,
+                length,
+                lba,
+                timestamp_ns,
+                0,
+            )
+            pack_crc(headers, at + CRC_OFFSET, crc(view[at : at + CRC_OFFSET], data_crc))
+            iov.append(view[at : at + HEADER_SIZE])
+            if kind == _WRITE and length:
+                iov.append(data)
+            offsets.append(pos)
+            pos += HEADER_SIZE + len(data)
+            at += HEADER_SIZE
+        assert seg.write_fd is not None
+        _pwritev_all(seg.write_fd, iov, seg.size, nbytes)
+        with self._lock:
+            seg.offsets.extend(offsets)
+            seg.size = pos
+            self._written_seq = entries[-1][0]
+            self._written_cond.notify()  # a gathering syncer counts the new records
+
+    # --- group commit: the syncer role --------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Run one fdatasync as the syncer, then pass the role on (called holding the role).
+
+        One fdatasync at a time: an error reported to a concurrent fdatasync on the same file
+        could be consumed by the wrong caller, and a lost batch acknowledged."""
+        with self._lock:
+            if self._failure is not None:
+                self._pass_sync_role()
+                return
+            if self._written_seq - self._durable_seq < self._sync_group:
+                self._gather()
+            self._io_threads += 1
+            target = self._written_seq  # everything written before the sync starts is covered
+            fd = self._active.write_fd
+        assert fd is not None
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            with self._lock:
+                self._io_threads -= 1
+                self._poison(f"syncing {self._active.path}", exc)
+                self._pass_sync_role()
+            return
+        with self._lock:
+            self._io_threads -= 1
+            self._fsyncs += 1
+            self._sync_group = target - self._durable_seq
+            self._mark_durable(target)
+            self._pass_sync_role()
+
+    def _gather(self) -> None:
+        """Wait (lock held, syncer role taken) up to group_commit_wait for as many records as the
+        previous fdatasync covered: the appenders it woke are on their way back, and one fsync
+        for all of them costs much less than two. At queue depth 1 the previous group was one
+        record, so this never waits there."""
+        deadline = time.monotonic() + self._group_commit_wait
+        while (
+            self._written_seq - self._durable_seq < self._sync_group
+            and self._failure is None
+            and not self._closing
+            and not self._roll_waiting
+        ):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._written_cond.wait(remaining)
+
+    def _pass_sync_role(self) -> None:
+        """Give the syncer role to the oldest parked writer whose batch is not durable yet, or
+        release it (lock held)."""
+        if self._failure is None and not self._roll_waiting:
+            for batch in self._inflight:
+                if batch.grant_sync():
+                    return
+        self._syncing = False
+        self._written_cond.notify_all()  # a roll-over may wait for the role
+        self._state_cond.notify_all()  # so may close()
+
+    def _mark_durable(self, target: int) -> None:
+        """Advance durable_seq (lock held) and wake the appenders of every batch it completes."""
+        self._durable_seq = max(self._durable_seq, target)
+        inflight = self._inflight
+        while inflight and inflight[0].last_seq <= self._durable_seq:
+            # Wake appenders only after fdatasync returned: an ack promises durability.
+            inflight.popleft().finish()
+        self._state_cond.notify_all()
+
+    def _roll_over(self) -> None:
+        """Seal the active segment and start the next one (called by the writer)."""
+        with self._lock:
+            # Take the syncer role for the whole switch: no fdatasync may use the old fd while
+            # it is closed, and the old segment must be durable before a later segment exists.
+            self._roll_waiting = True  # the syncer passes the role to us, not to a writer
+            self._written_cond.notify_all()  # and stops gathering
+            while self._syncing and self._failure is None:
+                self._written_cond.wait()
+            self._roll_waiting = False
+            if self._failure is not None:
+                raise OSError(f"journal failed earlier: {self._failure}")
+            self._syncing = True
+            self._io_threads += 1
+            old = self._active
+            target = self._written_seq
+            durable = self._durable_seq
+        new: _Segment | None = None
+        try:
+            assert old.write_fd is not None
+            if durable < target:
+                os.fdatasync(old.write_fd)
+            new = _Segment(self._path / segment_name(old.end_seq), old.end_seq, array("Q"), 0)
+            new.write_fd = os.open(
+                new.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+            os.fsync(self._dir_fd)  # the new segment's name must survive a crash
+        except OSError:
+            with self._lock:
+                self._syncing = False
+                self._io_threads -= 1
+            if new is not None and new.write_fd is not None:
+                os.close(new.write_fd)
+            raise
+        with self._lock:
+            self._io_threads -= 1
+            if durable < target:
+                self._fsyncs += 1
+            self._segments.append(new)
+            self._segment_starts.append(new.first_seq)
+            self._active = new
+            self._roll_requested = False
+            os.close(old.write_fd)
+            old.write_fd = None
+            self._mark_durable(target)
+            self._pass_sync_role()
+
+    def _poison(self, what: str, exc: Exception) -> None:
+        """After an I/O error nothing more is written or acknowledged (lock held)."""
+        if self._failure is None:
+            self._failure = f"journal {self._path}: I/O error {what}: {exc}; journal failed"
+        for batch in (*self._inflight, self._open_batch):
+            batch.finish(self._failure)
+        self._inflight.clear()
+        self._open_batch = _Batch()
+        self._state_cond.notify_all()
+        self._written_cond.notify_all()
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise JournalError(self._failure)
+        self._check_open()
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise JournalClosed(f"journal {self._path} is closed")
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def read_from(self, seq: int, max_records: int | None = None) -> Iterator[Record]:
+        """Yield durable records from `seq` on, in order, up to the durable_seq of this call.
+
+        Raises SequenceTrimmed (now, not at the first next()) when `seq` was trimmed away; the
+        iterator raises JournalCorrupt if a record no longer verifies."""
+        with self._lock:
+            self._check_open()  # durable records stay readable after an I/O error
+            first = self._segments[0].first_seq
+            if seq < first:
+                raise SequenceTrimmed(
+                    f"journal {self._path}: seq {seq} was trimmed, the first kept is {first}"
+                )
+            last = self._durable_seq
+        if max_records is not None:
+            last = min(last, seq + max_records - 1)
+        return self._iter_records(seq, last)
+
+    def _iter_records(self, seq: int, last: int) -> Iterator[Record]:
+        while seq <= last:
+            with self._lock:
+                self._check_open()
+                index = bisect.bisect_right(self._segment_starts, seq) - 1
+                if index < 0 or seq < self._segments[0].first_seq:
+                    raise SequenceTrimmed(
+                        f"journal {self._path}: seq {seq} was trimmed while being read"
+                    )
+                seg = self._segments[index]
+                stop = min(last + 1, seg.end_seq)
+                start_off = seg.offsets[seq - seg.first_seq]
+                end_off = seg.offsets[stop - seg.first_seq] if stop < seg.end_seq else seg.size
+                # Open under the lock: trim() cannot unlink the file between lookup and open.
+                fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                yield from self._read_segment(fd, seg.path, seq, stop, pos=start_off, end=end_off)
+            finally:
+                os.close(fd)
+            seq = stop
+
+    def _read_segment(
+        self, fd: int, path: Path, seq: int, stop: int, *, pos: int, end: int
+    ) -> Iterator[Record]:
+        buf = b""
+        at = 0  # position of `pos` inside buf
+        while seq < stop:
+            if len(buf) - at < HEADER_SIZE:
+                buf, at = os.pread(fd, min(READ_CHUNK, end - pos), pos), 0
+                if len(buf) < HEADER_SIZE:
+                    raise JournalCorrupt(
+                        f"{path}: reading seq {seq}: file ends at {pos + len(buf)}"
+                    )
+            need = HEADER_SIZE + payload_size(buf[at + 6], _u32(buf, at + 40))
+            if need > end - pos:
+                raise JournalCorrupt(
+                    f"{path}: reading seq {seq}: record at offset {pos} claims {need} bytes, "
+                    f"only {end - pos} are left in the indexed range"
+                )
+            if len(buf) - at < need:
+                buf, at = os.pread(fd, max(need, min(READ_CHUNK, end - pos)), pos), 0
+            try:
+                record = decode_at(buf, at)
+            except JournalCorrupt as exc:
+                raise JournalCorrupt(f"{path}: reading seq {seq}: {exc}") from None
+            if record.seq != seq or record.group_id != self._group_id:
+                raise JournalCorrupt(
+                    f"{path}: offset {pos} holds seq {record.seq} of group "
+                    f"{record.group_id}, expected seq {seq} of group {self._group_id}"
+                )
+            yield record
+            at += need
+            pos += need
+            seq += 1
+
+    def wait_durable_beyond(self, seq: int, timeout: float | None) -> int:
+        """Block until durable_seq > seq (or the timeout passes); return durable_seq.
+
+        For a tailing reader such as the replication sender. Raises JournalClosed when the
+        journal closes while waiting, JournalError after an I/O error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._durable_seq <= seq:
+                if self._failure is not None:
+                    raise JournalError(self._failure)
+                if self._closing:
+                    raise JournalClosed(f"journal {self._path} closed while waiting")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._state_cond.wait(remaining)
+            return self._durable_seq
+
+    # --- space --------------------------------------------------------------------------------
+
+    def trim(self, upto_seq: int) -> int:
+        """Free space held by records <= upto_seq (those the peer acknowledged); return the bytes
+        freed. Whole segments are deleted, never the active one; if the active segment holds
+        only such records, the next write starts a new segment so a later trim can free it."""
+        with self._lock:
+            self._check_usable()
+            limit = min(upto_seq, self._durable_seq)
+            removed: list[_Segment] = []
+            while len(self._segments) > 1 and self._segments[0].end_seq - 1 <= limit:
+                removed.append(self._segments.pop(0))
+                self._segment_starts.pop(0)
+            active = self._active
+            if active.size and active.end_seq - 1 <= limit:
+                self._roll_requested = True
+            if not removed:
+                return 0
+            freed = sum(seg.size for seg in removed)
+            self._used -= freed
+            self._io_threads += 1
+        try:
+            for seg in removed:  # oldest first: a crash mid-trim leaves a contiguous journal
+                os.unlink(seg.path)
+            os.fsync(self._dir_fd)
+        finally:
+            with self._lock:
+                self._io_threads -= 1
+                self._state_cond.notify_all()
+        return freed
+
+    # --- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting appends, let accepted ones finish, close the files. Tailers waiting
+        in wait_durable_beyond() get JournalClosed. Idempotent."""
+        with self._lock:
+            if self._closing:
+                while not self._closed:
+                    self._state_cond.wait()
+                return
+            self._closing = True
+            self._state_cond.notify_all()  # tailers waiting for durable_seq get JournalClosed
+            self._written_cond.notify_all()  # a gathering syncer stops waiting
+            # Drain: appends already accepted are written and synced, then acknowledged.
+            while self._failure is None and (self._open_batch.entries or self._inflight):
+                self._state_cond.wait()
+            # No thread may be inside a syscall on an fd we close (it could be reused).
+            while self._io_threads or self._syncing:
+                self._state_cond.wait()
+            for seg in self._segments:
+                if seg.write_fd is not None:
+                    os.close(seg.write_fd)
+                    seg.write_fd = None
+            os.close(self._dir_fd)
+            self._closed = True
+            self._state_cond.notify_all()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _u32(buf: bytes, at: int) -> int:
+    return int.from_bytes(buf[at : at + 4], "little")
+
+
+def _pwritev_all(fd: int, iov: list[bytes | memoryview], offset: int, nbytes: int) -> None:
+    """pwritev all of `iov` at `offset`, IOV_MAX buffers per call, resuming after short writes."""
+    if len(iov) <= IOV_MAX:
+        written = os.pwritev(fd, iov, offset)
+        if written == nbytes:
+            return
+    else:
+        written = 0
+    pending = [memoryview(b).cast("B") for b in iov]
+    offset += written
+    _skip(pending, written)
+    while pending:
+        part = pending[:IOV_MAX]
+        written = os.pwritev(fd, part, offset)
+        if written <= 0:
+            raise OSError(f"pwritev wrote {written} bytes")
+        offset += written
+        _skip(pending, written)
+
+
+def _skip(pending: list[memoryview], count: int) -> None:
+    """Drop `count` written bytes from the front of `pending` (in place)."""
+    drop = 0
+    while count and drop < len(pending):
+        size = pending[drop].nbytes
+        if size > count:
+            pending[drop] = pending[drop][count:]
+            break
+        count -= size
+        drop += 1
+    del pending[:drop]
+
+
+# --- recovery ----------------------------------------------------------------------------------
+
+
+def _recover(path: Path, dir_fd: int, group_id: int, start_seq: int) -> list[_Segment]:
+    """Scan every segment, cut a torn tail off the last one, and return the segments."""
+    found = sorted(
+        (int(match.group(1)), path / name)
+        for name in os.listdir(path)
+        if (match := SEGMENT_RE.match(name))
+    )
+    if not found:
+        seg_path = path / segment_name(start_seq)
+        fd = os.open(seg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        os.fsync(dir_fd)  # the first segment's name must survive a crash
+        return [_Segment(seg_path, start_seq, array("Q"), 0)]
+    segments: list[_Segment] = []
+    for number, (first_seq, seg_path) in enumerate(found):
+        if segments and segments[-1].end_seq != first_seq:
+            prev = segments[-1]
+            raise JournalCorrupt(
+                f"journal {path}: {prev.path.name} ends before seq {prev.end_seq} but the next "
+                f"segment is {seg_path.name}: records are missing"
+            )
+        data = seg_path.read_bytes()
+        offsets, end, failure = _scan(data, first_seq, group_id)
+        if failure is not None:
+            bad_seq, reason = failure
+            where = f"{seg_path}: seq {bad_seq} at offset {end}"
+            if number != len(found) - 1:
+                raise JournalCorrupt(f"{where}: {reason} (in a sealed segment)")
+            proof = _durability_proof(data, end + 1, bad_seq, group_id)
+            if proof is not None:
+                raise JournalCorrupt(
+                    f"{where}: {reason}; record seq {proof.seq} at a later offset has "
+                    f"commit_floor {proof.commit_floor}, so seq {bad_seq} had been acknowledged"
+                )
+            # A torn tail: the unacknowledged last batch. Cut it, durably, before appending.
+            fd = os.open(seg_path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, end)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        segments.append(_Segment(seg_path, first_seq, offsets, end))
+    return segments
+
+
+def _scan(
+    data: bytes, first_seq: int, group_id: int
+) -> tuple[array[int], int, tuple[int, str] | None]:
+    """Walk the records of one segment. Returns their offsets, the end of the valid prefix and,
+    if a record fails, (the seq expected there, why it failed)."""
+    offsets = array("Q")
+    pos = 0
+    seq = first_seq
+    total = len(data)
+    while pos < total:
+        try:
+            record = decode_at(data, pos)
+        except JournalCorrupt as exc:
+            return offsets, pos, (seq, str(exc))
+        if record.seq != seq:
+            return offsets, pos, (seq, f"found seq {record.seq} instead (sequence gap)")
+        if record.group_id != group_id:
+            return offsets, pos, (seq, f"record belongs to group {record.group_id}")
+        offsets.append(pos)
+        pos += record.encoded_size
+        seq += 1
+    return offsets, pos, None
+
+
+def _durability_proof(data: bytes, start: int, bad_seq: int, group_id: int) -> Record | None:
+    """A valid record after `start` whose commit_floor shows `bad_seq` had been durable."""
+    pos = data.find(MAGIC, start)
+    while pos >= 0:
+        try:
+            record = decode_at(data, pos)
+        except JournalCorrupt:
+            record = None
+        if record is not None and record.group_id == group_id and record.commit_floor >= bad_seq:
+            return record
+        pos = data.find(MAGIC, pos + 1)
+    return None
