@@ -51,7 +51,11 @@ def _file_spec(text: str) -> tuple[str, str, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m targetd_repl.datapath", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m targetd_repl.datapath",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--memory", type=_memory_spec, action="append", default=[])
     parser.add_argument("--file", type=_file_spec, action="append", default=[])
     parser.add_argument("--block-size", type=int, choices=(512, 4096), default=512)

@@ -21,8 +21,14 @@ Contract
   HARDWARE ERROR / INTERNAL TARGET FAILURE with a log line. The SCSI layer checks ranges and
   `writable` before calling, so these are races and real failures, not the normal path.
 * Calls come from several worker threads at once. Atomicity between overlapping SCSI commands
-  (COMPARE AND WRITE against WRITE) is the SCSI layer's job (a range lock per LUN); the backend
-  only needs each call to be safe against concurrent calls on other ranges.
+  of this LUN (COMPARE AND WRITE against WRITE) is the SCSI layer's job (a range lock per LUN);
+  the backend only needs each call to be safe against concurrent calls.
+* A backend that can compare-and-write atomically itself (the storage engine's group store can,
+  against every writer of the volume, not just this LUN) also implements
+  `SupportsCompareAndWrite`; the SCSI layer then uses it for COMPARE AND WRITE instead of
+  read + compare + write.
+* In production each buffer is whole blocks (the kernel hands out its data area in 4 KiB pages),
+  but do not rely on it.
 """
 
 from __future__ import annotations
@@ -72,3 +78,13 @@ class Backend(Protocol):
     def write_zeros(self, lba: int, nblocks: int) -> None: ...
 
     def flush(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsCompareAndWrite(Protocol):
+    def compare_and_write(
+        self, lba: int, expected: Sequence[memoryview], new: Sequence[memoryview]
+    ) -> int | None:
+        """Atomically: if the blocks at `lba` equal `expected`, write `new` there (durably) and
+        return None; else write nothing and return the offset of the first differing byte."""
+        ...

@@ -94,10 +94,14 @@ class DeviceSource(Protocol):
 
 
 class UdevDiscovery:
-    """pyudev enumeration of subsystem `uio` plus a Monitor thread for add/remove."""
+    """pyudev enumeration of subsystem `uio` plus a Monitor thread for add/remove.
 
-    def __init__(self, context: Any = None) -> None:
+    The monitor listens to the kernel's uevents (`source="kernel"`), not udevd's: the lab guest
+    runs no udevd, and we need no udev rules (devtmpfs creates /dev/uioN)."""
+
+    def __init__(self, context: Any = None, *, source: str = "kernel") -> None:
         self._context = context or pyudev.Context()
+        self._source = source
         self._observer: Any = None
 
     def scan(self) -> list[TcmuDevice]:
@@ -109,7 +113,7 @@ class UdevDiscovery:
         return sorted(found, key=lambda d: d.uio)
 
     def watch(self, on_add: Callable[[TcmuDevice], None], on_remove: Callable[[str], None]) -> None:
-        monitor = pyudev.Monitor.from_netlink(self._context)
+        monitor = pyudev.Monitor.from_netlink(self._context, source=self._source)
         monitor.filter_by("uio")
 
         def handle(device: Any) -> None:

@@ -1,11 +1,12 @@
 """A stand-in for the kernel side of TCMU, for tests and benchmarks on machines without LIO.
 
 It lays out a map exactly as target_core_user.c does (mailbox at 0, cmdr_off 128, command ring,
-data area after the ring), queues commands the way the kernel does (entry = header + request +
-iovecs, at least the size of a response, then the CDB, 8-byte aligned; a PAD entry when an entry would cross the ring's end; iovecs are
-runs of 4 KiB data blocks, scattered on demand; the data-in area pre-filled with a stale pattern
-so a test notices bytes that leak), advances cmd_head, rings the doorbell, and reaps completions
-up to cmd_tail by cmd_id - raising `RingBroken` where the kernel would mark the ring broken.
+data area after the ring) and queues commands the way the kernel does: entry = header + request +
+iovecs, at least the size of a response, then the CDB, 8-byte aligned; a PAD entry when an entry
+would cross the ring's end; iovecs are runs of 4 KiB data blocks, scattered on demand; the data-in
+area pre-filled with a stale pattern so a test notices bytes that leak. It advances cmd_head,
+rings the doorbell, and reaps completions up to cmd_tail by cmd_id - raising `RingBroken` where
+the kernel would mark the ring broken.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class MemoryBackend(_BlockBackend):
         self._view = memoryview(self.image)
 
     def readinto(self, lba: int, buffers: Sequence[memoryview]) -> None:
-        pos = self._check(lba, sum(len(b) for b in buffers), write=False)
+        pos = self._check(lba, sum(map(len, buffers)), write=False)
         view = self._view
         for buf in buffers:
             n = len(buf)
@@ -70,7 +70,7 @@ class MemoryBackend(_BlockBackend):
             pos += n
 
     def write(self, lba: int, buffers: Sequence[memoryview]) -> None:
-        pos = self._check(lba, sum(len(b) for b in buffers), write=True)
+        pos = self._check(lba, sum(map(len, buffers)), write=True)
         view = self._view
         for buf in buffers:
             n = len(buf)

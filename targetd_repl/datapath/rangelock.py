@@ -11,30 +11,45 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+Held = tuple[int, int]
+
 
 class RangeLock:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._held: list[Held] = []
+        self._waiters = 0
+
+    def acquire(self, start: int, count: int) -> Held:
+        """Hold blocks [start, start + count) exclusively; pass the result to `release`."""
+        end = start + max(count, 1)
+        with self._lock:
+            while True:
+                for s, e in self._held:
+                    if s < end and start < e:
+                        break
+                else:
+                    entry = (start, end)
+                    self._held.append(entry)
+                    return entry
+                self._waiters += 1
+                self._cond.wait()
+                self._waiters -= 1
+
+    def release(self, entry: Held) -> None:
+        with self._lock:
+            self._held.remove(entry)
+            if self._waiters:
+                self._cond.notify_all()
 
     @contextmanager
     def hold(self, start: int, count: int) -> Iterator[None]:
-        """Hold blocks [start, start + count) exclusively. `count` 0 takes no lock."""
-        if count <= 0:
-            yield
-            return
-        end = start + count
-        entry = (start, end)
-        with self._cond:
-            while any(s < end and start < e for s, e in self._held):
-                self._cond.wait()
-            self._held.append(entry)
+        entry = self.acquire(start, count)
         try:
             yield
         finally:
-            with self._cond:
-                self._held.remove(entry)
-                self._cond.notify_all()
+            self.release(entry)
 
     @property
     def held(self) -> int:

@@ -171,7 +171,7 @@ class Command:
         self.cdb = cdb
         self.iovecs = iovecs
         self.bidi_iovecs = bidi_iovecs
-        self.data_length = sum(len(v) for v in iovecs)
+        self.data_length = len(iovecs[0]) if len(iovecs) == 1 else sum(map(len, iovecs))
         self.done = False
         self.status = 0
         self.sense = b""
@@ -272,6 +272,8 @@ class Ring:
         Returns the new commands and whether cmd_tail moved (PAD entries or malformed commands
         at the front were retired): if so, the caller kicks the kernel.
         """
+        if self._closed:
+            return [], False
         head = self._check_pointer("cmd_head", self._load(MB_CMD_HEAD))
         mv = self._mv
         cmdr_off = self.cmdr_off
@@ -287,7 +289,9 @@ class Ring:
                 raise RingError(f"entry at {pos}: length {length} crosses the ring's end")
             if op == OP_CMD:
                 if length < ENTRY_RSP_END:
-                    raise RingError(f"command entry at {pos}: {length} bytes cannot hold a response")
+                    raise RingError(
+                        f"command entry at {pos}: {length} bytes cannot hold a response"
+                    )
                 cmd = self._parse_command(pos, length, cmd_id)
                 slots.append(cmd)
                 if not cmd.done:

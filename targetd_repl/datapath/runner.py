@@ -113,41 +113,45 @@ class Runner:
     def step(self) -> int:
         """Poll the ring once and dispatch what is new. Returns the number of commands."""
         commands, moved = self.ring.poll()
+        if commands:
+            self.dispatched += len(commands)
+            execute = self.device.execute
+            complete = self.ring.complete
+            for cmd in commands:
+                if self.workers and needs_worker(cmd.cdb[0]):
+                    with self._idle:
+                        self._inflight += 1
+                    self._queue.put(cmd)
+                    continue
+                try:  # answered on this thread: one kick for all of them below
+                    result = execute(cmd.cdb, cmd.iovecs)
+                    moved = complete(cmd, result.status, result.sense, result.data_in) or moved
+                except Exception:
+                    log.exception("%s: completing %r failed", self.name, cmd)
+                self.completed += 1
         if moved:
             self._kick()
-        if not commands:
-            return 0
-        with self._idle:
-            self._inflight += len(commands)
-        self.dispatched += len(commands)
-        for cmd in commands:
-            if self.workers and needs_worker(cmd.cdb[0]):
-                self._queue.put(cmd)
-            else:
-                self._execute(cmd)
         return len(commands)
 
     def _work(self) -> None:
+        execute = self.device.execute
+        complete = self.ring.complete
         while True:
             cmd = self._queue.get()
             if cmd is None:
                 return
-            self._execute(cmd)
-
-    def _execute(self, cmd: Command) -> None:
-        try:
-            result = self.device.execute(cmd.cdb, cmd.iovecs)
-            moved = self.ring.complete(cmd, result.status, result.sense, result.data_in)
-            if moved:
-                self._kick()
-        except Exception:  # a bug in the ring or doorbell; the command stays unanswered
-            log.exception("%s: completing %r failed", self.name, cmd)
-        finally:
-            with self._idle:
-                self._inflight -= 1
-                self.completed += 1
-                if self._inflight == 0:
-                    self._idle.notify_all()
+            try:
+                result = execute(cmd.cdb, cmd.iovecs)
+                if complete(cmd, result.status, result.sense, result.data_in):
+                    self._kick()
+            except Exception:  # a bug in the ring or doorbell; the command stays unanswered
+                log.exception("%s: completing %r failed", self.name, cmd)
+            finally:
+                with self._idle:
+                    self._inflight -= 1
+                    self.completed += 1
+                    if self._inflight == 0:
+                        self._idle.notify_all()
 
     def _kick(self) -> None:
         try:

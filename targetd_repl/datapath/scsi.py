@@ -18,11 +18,11 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from targetd_repl.datapath import cdb as op
 from targetd_repl.datapath import pages
-from targetd_repl.datapath.backend import Backend
+from targetd_repl.datapath.backend import Backend, SupportsCompareAndWrite
 from targetd_repl.datapath.cdb import Buffer, be16, be32, be64, lba_and_length
 from targetd_repl.datapath.pages import ScsiConfig
 from targetd_repl.datapath.rangelock import RangeLock
@@ -52,8 +52,7 @@ from targetd_repl.errors import InvalidArgument, OutOfRange, WriteProtected
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(NamedTuple):
     """The outcome of one command. `data_in`: bytes of data-in placed in the buffers (None for
     commands without a data-in phase); the transport zeroes the rest and reports the length."""
 
@@ -127,6 +126,9 @@ class ScsiDevice:
         self.block_size = backend.block_size
         self.locks = RangeLock()
         self._zero_block = bytes(self.block_size)
+        self._atomic_caw: SupportsCompareAndWrite | None = (
+            backend if isinstance(backend, SupportsCompareAndWrite) else None
+        )
         self._handlers: dict[int, Handler] = {
             op.TEST_UNIT_READY: self._test_unit_ready,
             op.REQUEST_SENSE: self._request_sense,
@@ -338,10 +340,13 @@ class ScsiDevice:
         if total_length(buffers) != nblocks * self.block_size:
             raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
         verify = opcode in (op.WRITE_AND_VERIFY_10, op.WRITE_AND_VERIFY_12, op.WRITE_AND_VERIFY_16)
-        with self.locks.hold(lba, nblocks):
+        held = self.locks.acquire(lba, nblocks)
+        try:
             self.backend.write(lba, buffers)
             if verify and cdb[1] & 0x02:  # BYTCHK: read back and compare
                 self._compare_medium(lba, nblocks, buffers)
+        finally:
+            self.locks.release(held)
         if not verify and opcode != op.WRITE_6 and cdb[1] & 0x08:  # FUA
             self.backend.flush()
         return RESULT_GOOD
@@ -483,13 +488,19 @@ class ScsiDevice:
         half = nblocks * self.block_size
         if total_length(buffers) != 2 * half:
             raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
+        expected = slice_buffers(buffers, 0, half)
+        new = slice_buffers(buffers, half, half)
         with self.locks.hold(lba, nblocks):
-            medium = bytearray(half)
-            self.backend.readinto(lba, [memoryview(medium)])
-            diff = first_difference(medium, slice_buffers(buffers, 0, half))
+            if self._atomic_caw is not None:
+                diff = self._atomic_caw.compare_and_write(lba, expected, new)
+            else:
+                medium = bytearray(half)
+                self.backend.readinto(lba, [memoryview(medium)])
+                diff = first_difference(medium, expected)
+                if diff is None:
+                    self.backend.write(lba, new)
             if diff is not None:
                 raise miscompare(diff)
-            self.backend.write(lba, slice_buffers(buffers, half, half))
         if cdb[1] & 0x08:  # FUA
             self.backend.flush()
         return RESULT_GOOD

@@ -63,7 +63,10 @@ class DataPathService:
         source: DeviceSource | None = None,
         opener: Opener = open_uio,
         stop_timeout: float = 10.0,
+        rescan_interval: float = 10.0,
     ) -> None:
+        """`rescan_interval` (seconds, 0 = never): how often to reconcile with a full scan, in
+        case a uevent was missed."""
         self._backend_for = backend_for
         self._subtype = subtype
         self._workers = workers
@@ -74,6 +77,9 @@ class DataPathService:
         self._served: dict[str, _Served] = {}
         self._lock = threading.RLock()
         self._started = False
+        self._rescan_interval = rescan_interval
+        self._stopping = threading.Event()
+        self._rescanner: threading.Thread | None = None
 
     def start(self) -> None:
         """Watch for add/remove events, then serve every device already present. (Watching
@@ -82,18 +88,41 @@ class DataPathService:
             if self._source is None:
                 self._source = UdevDiscovery()
             self._started = True
+            self._stopping.clear()
             self._source.watch(self.device_added, self.device_removed)
         self.rescan()
+        if self._rescan_interval > 0:
+            self._rescanner = threading.Thread(
+                target=self._rescan_loop, name="uio-rescan", daemon=True
+            )
+            self._rescanner.start()
 
     def rescan(self) -> None:
-        """Serve every present device of ours that is not served yet (e.g. after a volume was
-        created for a LUN that appeared earlier)."""
+        """Reconcile with what is present: stop serving devices that are gone (a missed remove
+        event, or a uio number reused for another LUN) and serve every present device of ours
+        not served yet (e.g. a LUN whose volume was created after the device appeared)."""
         if self._source is None:
             raise RuntimeError("DataPathService.rescan() before start()")
-        for dev in self._source.scan():
+        present = {dev.uio: dev for dev in self._source.scan()}
+        with self._lock:
+            stale = [uio for uio, s in self._served.items() if present.get(uio) != s.device]
+        for uio in stale:
+            self.device_removed(uio)
+        for dev in present.values():
             self.device_added(dev)
 
+    def _rescan_loop(self) -> None:
+        while not self._stopping.wait(self._rescan_interval):
+            try:
+                self.rescan()
+            except Exception:
+                log.exception("periodic rescan of uio devices failed")
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._rescanner is not None:
+            self._rescanner.join()
+            self._rescanner = None
         with self._lock:
             self._started = False
             if self._source is not None:

@@ -9,7 +9,7 @@ Buffer = bytes | bytearray | memoryview
 
 
 def total_length(buffers: Sequence[memoryview]) -> int:
-    return sum(len(b) for b in buffers)
+    return len(buffers[0]) if len(buffers) == 1 else sum(map(len, buffers))
 
 
 def slice_buffers(buffers: Sequence[memoryview], start: int, length: int) -> list[memoryview]:

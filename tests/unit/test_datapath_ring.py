@@ -60,20 +60,20 @@ class _Entry(ctypes.Structure):  # struct tcmu_cmd_entry { hdr; union {req; rsp}
 def test_entry_layout_matches_the_c_structs() -> None:
     u = _Entry.u.offset
     assert u == 8
-    assert r.HDR_CMD_ID == _Hdr.cmd_id.offset
-    assert r.HDR_UFLAGS == _Hdr.uflags.offset
-    assert r.REQ_IOV_CNT == u + _Req.iov_cnt.offset
-    assert r.REQ_IOV_BIDI_CNT == u + _Req.iov_bidi_cnt.offset
-    assert r.REQ_IOV_DIF_CNT == u + _Req.iov_dif_cnt.offset
+    assert _Hdr.cmd_id.offset == r.HDR_CMD_ID
+    assert _Hdr.uflags.offset == r.HDR_UFLAGS
+    assert u + _Req.iov_cnt.offset == r.REQ_IOV_CNT
+    assert u + _Req.iov_bidi_cnt.offset == r.REQ_IOV_BIDI_CNT
+    assert u + _Req.iov_dif_cnt.offset == r.REQ_IOV_DIF_CNT
     assert r.REQ_CDB_OFF == u + _Req.cdb_off.offset == 24  # LAB-NOTES: 24, not 20
     assert r.REQ_IOV == u + ctypes.sizeof(_Req) == 48
-    assert r.RSP_SCSI_STATUS == u + _Rsp.scsi_status.offset
+    assert u + _Rsp.scsi_status.offset == r.RSP_SCSI_STATUS
     assert r.RSP_READ_LEN == u + _Rsp.read_len.offset == 12
     assert r.RSP_SENSE == u + _Rsp.sense_buffer.offset == 16
     assert (r.MB_CMD_HEAD, r.MB_CMD_TAIL, r.MAILBOX_SIZE) == (12, 64, 128)
 
 
-# --- a ring built by hand, byte by byte ------------------------------------------------------------
+# --- a ring built by hand, byte by byte -----------------------------------------------------------
 
 MAP = 8192
 CMDR_OFF = 128
@@ -197,7 +197,7 @@ def test_readonly_buffer_is_refused() -> None:
         Ring(memoryview(bytes(_hand_built(b"\0" * 6, []))))
 
 
-# --- against the fake kernel -----------------------------------------------------------------------
+# --- against the fake kernel ----------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -91,10 +91,12 @@ def start_runner(kernel: FakeKernel, backend: Backend, workers: int = 4) -> Runn
 
 
 def block(lba: int, n: int = 1) -> bytes:
-    return b"".join(struct.pack(">Q", lba + i).ljust(BS, bytes([(lba + i) & 0xFF])) for i in range(n))
+    return b"".join(
+        struct.pack(">Q", lba + i).ljust(BS, bytes([(lba + i) & 0xFF])) for i in range(n)
+    )
 
 
-# --- the loop ------------------------------------------------------------------------------------
+# --- the loop -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("workers", [0, 4])
@@ -102,7 +104,10 @@ def test_serves_writes_and_reads_with_scattered_buffers(kernel: FakeKernel, work
     backend = MemoryBackend("vol1", 1 << 20)
     runner = start_runner(kernel, backend, workers)
     try:
-        writes = [kernel.submit(cdb_rw(WRITE_10, 16 * i, 16), data_out=block(16 * i, 16)) for i in range(20)]
+        writes = [
+            kernel.submit(cdb_rw(WRITE_10, 16 * i, 16), data_out=block(16 * i, 16))
+            for i in range(20)
+        ]
         assert all(c.status == 0 for c in kernel.wait_for(writes).values())
         reads = {kernel.submit(cdb_rw(READ_10, 16 * i, 16), data_in=16 * BS): i for i in range(20)}
         for cmd_id, c in kernel.wait_for(list(reads)).items():
@@ -223,12 +228,14 @@ def test_mode_sense_write_protect_round_trip_through_the_ring(kernel: FakeKernel
 def test_a_corrupt_ring_stops_the_runner(kernel: FakeKernel) -> None:
     runner = start_runner(kernel, MemoryBackend("vol1", 1 << 20))
     kernel.submit_raw(1, 8)  # a CMD entry too short to hold a response
-    runner._thread.join(5) if runner._thread else None
+    deadline = time.monotonic() + 5
+    while runner.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert runner.failed is not None and not runner.alive
     runner.stop(timeout=1)
 
 
-# --- the service ---------------------------------------------------------------------------------
+# --- the service ----------------------------------------------------------------------------------
 
 
 class FakeSource:
@@ -261,9 +268,15 @@ def test_service_serves_our_devices_and_follows_add_remove() -> None:
 
     volumes = {"vol1": MemoryBackend("vol1", 1 << 20)}
     source = FakeSource(
-        [_dev("uio0", "targetd", "vol1"), _dev("uio1", "rbd", "pool/img"), _dev("uio2", "targetd", "vol2")]
+        [
+            _dev("uio0", "targetd", "vol1"),
+            _dev("uio1", "rbd", "pool/img"),
+            _dev("uio2", "targetd", "vol2"),
+        ]
     )
-    service = DataPathService(volumes.get, source=source, opener=opener, workers=2)
+    service = DataPathService(
+        volumes.get, source=source, opener=opener, workers=2, rescan_interval=0
+    )
     service.start()
     try:
         assert service.served() == {"uio0": "vol1"}  # not tcmu-runner's, not an unknown volume
@@ -277,6 +290,11 @@ def test_service_serves_our_devices_and_follows_add_remove() -> None:
         runner = service.runner("uio0")
         source.on_remove("uio0")
         assert runner is not None and not runner.alive and "uio0" not in service.served()
+        # a missed remove event: the next scan no longer lists uio2, and uio3 now names another LUN
+        source.devices = [_dev("uio3", "targetd", "vol2")]
+        old = service.runner("uio3")
+        service.rescan()
+        assert service.served() == {"uio3": "vol2"} and old is not None and not old.alive
     finally:
         service.stop()
     assert source.closed and service.served() == {}
@@ -284,7 +302,7 @@ def test_service_serves_our_devices_and_follows_add_remove() -> None:
         k.close()
 
 
-# --- uio doorbell, device, discovery, entry point ---------------------------------------------------
+# --- uio doorbell, device, discovery, entry point -------------------------------------------------
 
 
 def test_fd_doorbell_protocol() -> None:
@@ -321,7 +339,12 @@ def test_uio_device_maps_the_region(tmp_path: Path) -> None:
 
 
 def test_parse_uio_name() -> None:
-    assert parse_uio_name("tcm-user/1/lun_vol1/targetd/vol1\n") == ("1", "lun_vol1", "targetd", "vol1")
+    assert parse_uio_name("tcm-user/1/lun_vol1/targetd/vol1\n") == (
+        "1",
+        "lun_vol1",
+        "targetd",
+        "vol1",
+    )
     assert parse_uio_name("tcm-user/3/x/targetd") == ("3", "x", "targetd", "")
     assert parse_uio_name("tcm-user/3/x/rbd/pool/image") == ("3", "x", "rbd", "pool/image")
     assert parse_uio_name("uio_pdrv_genirq") is None
@@ -357,7 +380,10 @@ def test_file_backend_round_trip(tmp_path: Path) -> None:
     backend = FileBackend("vol", path, size_bytes=1 << 20, identity=VolumeIdentity("vol", "u-1"))
     dev = ScsiDevice(backend)
     data = bytearray(block(3, 4))
-    assert dev.execute(cdb_rw(WRITE_10, 3, 4), [memoryview(data)[:700], memoryview(data)[700:]]).status == 0
+    assert (
+        dev.execute(cdb_rw(WRITE_10, 3, 4), [memoryview(data)[:700], memoryview(data)[700:]]).status
+        == 0
+    )
     out = bytearray(4 * BS)
     assert dev.execute(cdb_rw(READ_10, 3, 4), [memoryview(out)]).status == 0
     assert out == data and dev.execute(bytes([0x35]) + bytes(9)).status == 0

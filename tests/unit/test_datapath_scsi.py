@@ -5,6 +5,7 @@ with valid and invalid input, sense key / ASC / ASCQ asserted, driven through
 from __future__ import annotations
 
 import errno
+import itertools
 import struct
 import threading
 import time
@@ -106,7 +107,7 @@ def _split(buf: bytearray) -> list[memoryview]:
     """Uneven scatter/gather pieces, as the kernel's iovecs may be."""
     view = memoryview(buf)
     cuts = sorted({0, len(buf)} | {c for c in (7, 300, 1000, 4099) if c < len(buf)})
-    return [view[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [view[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def run(
@@ -142,7 +143,7 @@ def pattern(nblocks: int, seed: int = 1) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(nblocks * BS))
 
 
-# --- no data, sense ----------------------------------------------------------------------------
+# --- no data, sense -------------------------------------------------------------------------------
 
 
 def test_unknown_opcodes_are_invalid_command_operation_code(dev: ScsiDevice) -> None:
@@ -165,7 +166,7 @@ def test_request_sense_reports_no_sense(dev: ScsiDevice) -> None:
     assert data == bytes([0x72]) + bytes(7)
 
 
-# --- INQUIRY -----------------------------------------------------------------------------------
+# --- INQUIRY --------------------------------------------------------------------------------------
 
 
 def test_standard_inquiry(dev: ScsiDevice) -> None:
@@ -251,7 +252,7 @@ def test_vpd_logical_block_provisioning(dev: ScsiDevice) -> None:
     assert page[6] & 0x07 == 2  # thin
 
 
-# --- READ CAPACITY -----------------------------------------------------------------------------
+# --- READ CAPACITY --------------------------------------------------------------------------------
 
 
 def test_read_capacity_10_and_16(dev: ScsiDevice, spy: Spy) -> None:
@@ -277,7 +278,7 @@ def test_other_service_actions_are_invalid_field(dev: ScsiDevice) -> None:
     check(run(dev, bytes(cdb), data_in=32)[0], 5, 0x2400, field=1)
 
 
-# --- MODE SENSE --------------------------------------------------------------------------------
+# --- MODE SENSE -----------------------------------------------------------------------------------
 
 
 def _pages(body: bytes) -> dict[int, bytes]:
@@ -346,11 +347,12 @@ def test_mode_sense_unsupported_page_or_subpage(dev: ScsiDevice) -> None:
     check(run(dev, cdb_mode_sense(0x08, 255, subpage=5), data_in=255)[0], 5, 0x2400, field=3)
 
 
-# --- READ / WRITE ------------------------------------------------------------------------------
+# --- READ / WRITE ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("write", "read"), [(WRITE_6, READ_6), (WRITE_10, READ_10), (WRITE_12, READ_12), (WRITE_16, READ_16)]
+    ("write", "read"),
+    [(WRITE_6, READ_6), (WRITE_10, READ_10), (WRITE_12, READ_12), (WRITE_16, READ_16)],
 )
 def test_write_then_read_each_cdb_size(dev: ScsiDevice, write: int, read: int) -> None:
     data = pattern(9, seed=write)
@@ -363,7 +365,7 @@ def test_write_then_read_each_cdb_size(dev: ScsiDevice, write: int, read: int) -
 def test_read_6_and_write_6_length_zero_mean_256(dev: ScsiDevice, spy: Spy) -> None:
     data = pattern(256)
     good(run(dev, cdb_rw(WRITE_6, 0, 0), data_out=data)[0])
-    result, back = run(dev, cdb_rw(READ_6, 0, 0), data_in=256 * BS)
+    _result, back = run(dev, cdb_rw(READ_6, 0, 0), data_in=256 * BS)
     assert back == data and spy.calls[-1] == ("read", 0, 256)
     check(run(dev, cdb_rw(READ_6, 1, 0), data_in=256 * BS)[0], 5, Asc.LBA_OUT_OF_RANGE)
 
@@ -379,9 +381,9 @@ def test_transfer_length_zero_is_not_an_error(dev: ScsiDevice, spy: Spy) -> None
 @pytest.mark.parametrize("opcode", [READ_10, READ_16, WRITE_10, WRITE_16])
 def test_out_of_range(dev: ScsiDevice, spy: Spy, opcode: int) -> None:
     kw = {"data_out": pattern(2)} if opcode in (WRITE_10, WRITE_16) else {"data_in": 2 * BS}
-    check(run(dev, cdb_rw(opcode, BLOCKS - 1, 2), **kw)[0], 5, Asc.LBA_OUT_OF_RANGE)  # type: ignore[arg-type]
+    check(run(dev, cdb_rw(opcode, BLOCKS - 1, 2), **kw)[0], 5, Asc.LBA_OUT_OF_RANGE)
     big = 0xFFFFFFFF if opcode in (READ_10, WRITE_10) else (1 << 64) - 1
-    check(run(dev, cdb_rw(opcode, big, 2), **kw)[0], 5, Asc.LBA_OUT_OF_RANGE)  # type: ignore[arg-type]
+    check(run(dev, cdb_rw(opcode, big, 2), **kw)[0], 5, Asc.LBA_OUT_OF_RANGE)
     assert spy.calls == []
 
 
@@ -442,7 +444,7 @@ def test_writes_to_a_read_only_lun_are_data_protect(dev: ScsiDevice, spy: Spy) -
     good(run(dev, cdb_rw(WRITE_10, 0, 1), data_out=pattern(1))[0])
 
 
-# --- WRITE AND VERIFY, VERIFY --------------------------------------------------------------------
+# --- WRITE AND VERIFY, VERIFY ---------------------------------------------------------------------
 
 
 def test_write_and_verify(dev: ScsiDevice, spy: Spy) -> None:
@@ -492,7 +494,7 @@ def test_verify_bytchk_3_compares_one_block_with_each(dev: ScsiDevice) -> None:
     check(run(dev, cdb_rw(VERIFY_10, 20, 6, flags=0x04), data_out=block)[0], 5, 0x2400, field=1)
 
 
-# --- SYNCHRONIZE CACHE ---------------------------------------------------------------------------
+# --- SYNCHRONIZE CACHE ----------------------------------------------------------------------------
 
 
 def test_synchronize_cache(dev: ScsiDevice, spy: Spy) -> None:
@@ -503,7 +505,7 @@ def test_synchronize_cache(dev: ScsiDevice, spy: Spy) -> None:
     check(run(dev, cdb_rw(SYNC_16, 10, BLOCKS))[0], 5, Asc.LBA_OUT_OF_RANGE)
 
 
-# --- UNMAP -------------------------------------------------------------------------------------
+# --- UNMAP ----------------------------------------------------------------------------------------
 
 
 def _fill(dev: ScsiDevice) -> None:
@@ -544,7 +546,7 @@ def test_unmap_ignores_truncated_descriptors(dev: ScsiDevice, spy: Spy) -> None:
     assert spy.calls == [("zeros", 1, 1), ("zeros", 5, 1)]
 
 
-# --- WRITE SAME --------------------------------------------------------------------------------
+# --- WRITE SAME -----------------------------------------------------------------------------------
 
 
 def test_write_same_pattern(dev: ScsiDevice, spy: Spy) -> None:
@@ -566,18 +568,16 @@ def test_write_same_of_zeros_unmap_and_ndob(dev: ScsiDevice, spy: Spy) -> None:
     good(run(dev, cdb_rw(WS_16, 16, 4, flags=0x01))[0])  # NDOB
     assert spy.calls == [("zeros", 0, 4), ("zeros", 8, 4), ("zeros", 16, 4)]
     good(run(dev, cdb_rw(WS_16, 24, 2, flags=0x08), data_out=pattern(1))[0])  # UNMAP, data
-    assert spy.kinds()[-1] == "write" and bytes(spy.inner.image[24 * BS : 26 * BS]) == pattern(
-        1
-    ) * 2
+    assert (
+        spy.kinds()[-1] == "write" and bytes(spy.inner.image[24 * BS : 26 * BS]) == pattern(1) * 2
+    )
 
 
 def test_write_same_invalid(dev: ScsiDevice, spy: Spy) -> None:
     check(run(dev, cdb_rw(WS_10, 0, 0), data_out=pattern(1))[0], 5, 0x2400, field=7)  # WSNZ
     check(run(dev, cdb_rw(WS_16, 0, 0), data_out=pattern(1))[0], 5, 0x2400, field=10)
     limit = ScsiConfig(max_write_same_bytes=8 * BS)
-    check(
-        run(ScsiDevice(spy, limit), cdb_rw(WS_16, 0, 9), data_out=pattern(1))[0], 5, 0x2400
-    )
+    check(run(ScsiDevice(spy, limit), cdb_rw(WS_16, 0, 9), data_out=pattern(1))[0], 5, 0x2400)
     check(run(dev, cdb_rw(WS_16, 0, 1, flags=0x10), data_out=pattern(1))[0], 5, 0x2400, field=1)
     check(run(dev, cdb_rw(WS_10, 0, 1, flags=0x02), data_out=pattern(1))[0], 5, 0x2400, field=1)
     check(run(dev, cdb_rw(WS_10, BLOCKS - 1, 2), data_out=pattern(1))[0], 5, 0x2100)
@@ -585,7 +585,7 @@ def test_write_same_invalid(dev: ScsiDevice, spy: Spy) -> None:
     assert spy.calls == []
 
 
-# --- COMPARE AND WRITE ---------------------------------------------------------------------------
+# --- COMPARE AND WRITE ----------------------------------------------------------------------------
 
 
 def test_compare_and_write_success(dev: ScsiDevice, spy: Spy) -> None:
@@ -650,7 +650,31 @@ def test_compare_and_write_is_atomic_against_other_writers(spy: Spy) -> None:
     assert struct.unpack_from(">Q", final)[0] == sum(successes) == 60
 
 
-# --- backend errors become sense in one place ----------------------------------------------------
+class _AtomicCaw(Spy):
+    def compare_and_write(
+        self, lba: int, expected: Sequence[memoryview], new: Sequence[memoryview]
+    ) -> int | None:
+        self.calls.append(("caw", lba, 1))
+        current = bytes(self.inner.image[lba * BS : (lba + 1) * BS])
+        want = b"".join(expected)
+        if current != want:
+            return next(i for i in range(BS) if current[i] != want[i])
+        self.inner.image[lba * BS : (lba + 1) * BS] = b"".join(new)
+        return None
+
+
+def test_compare_and_write_uses_the_backends_own_atomic_operation() -> None:
+    spy = _AtomicCaw(MemoryBackend("v", BLOCKS * BS))
+    dev = ScsiDevice(spy)
+    good(run(dev, cdb_compare_and_write(3, 1), data_out=bytes(BS) + pattern(1))[0])
+    result, _ = run(dev, cdb_compare_and_write(3, 1), data_out=bytes(BS) + pattern(1))
+    sense = check(result, SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY)
+    assert struct.unpack_from(">I", sense, 3)[0] == next(i for i, b in enumerate(pattern(1)) if b)
+    assert spy.kinds() == ["caw", "caw"]
+    assert bytes(spy.inner.image[3 * BS : 4 * BS]) == pattern(1)
+
+
+# --- backend errors become sense in one place -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -670,7 +694,7 @@ def test_backend_errors_map_to_sense(
 ) -> None:
     spy.fail = error
     kw = {"data_out": pattern(1)} if opcode == WRITE_10 else {"data_in": BS}
-    result, _ = run(dev, cdb_rw(opcode, 0, 1 if opcode != SYNC_10 else 0), **kw)  # type: ignore[arg-type]
+    result, _ = run(dev, cdb_rw(opcode, 0, 1 if opcode != SYNC_10 else 0), **kw)
     check(result, key, asc)
 
 

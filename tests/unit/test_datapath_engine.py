@@ -1,0 +1,99 @@
+"""The ring, the SCSI emulation and the storage engine together (the kernel side faked).
+
+A SCSI WRITE is in the journal and the volume before its completion reaches the ring; a
+secondary's LUN answers DATA PROTECT / WRITE PROTECTED and turns writable on promotion with
+nothing reconfigured."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from targetd_repl.datapath.cdb import READ_10, WRITE_10
+from targetd_repl.datapath.engine_backend import EngineBackend
+from targetd_repl.datapath.fake_kernel import (
+    FakeKernel,
+    cdb_compare_and_write,
+    cdb_mode_sense,
+    cdb_rw,
+)
+from targetd_repl.datapath.ring import Ring
+from targetd_repl.datapath.runner import Runner
+from targetd_repl.datapath.scsi import ScsiDevice
+from targetd_repl.model import Role
+from targetd_repl.storage.engine import StorageEngine
+from targetd_repl.storage.group_store import GroupSettings
+
+BS = 512
+CHECK_CONDITION = 2
+DATA_PROTECT, MISCOMPARE = 0x07, 0x0E
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[StorageEngine]:
+    eng = StorageEngine.open(
+        tmp_path, site="a", settings=GroupSettings(journal_segment_size=1 << 20)
+    )
+    eng.create_group("g", Role.PRIMARY)
+    eng.create_volume("v1", 1 << 20, group="g")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def lun(engine: StorageEngine) -> Iterator[FakeKernel]:
+    kernel = FakeKernel(ring_area=128 + 8192, data_size=1 << 20, fragment=True, seed=3)
+    runner = Runner(
+        Ring(kernel.buffer),
+        kernel.doorbell(),
+        ScsiDevice(EngineBackend(engine, "v1")),
+        workers=4,
+        name="v1",
+    )
+    runner.start()
+    yield kernel
+    assert runner.stop()
+    kernel.close()
+
+
+def test_scsi_write_is_journaled_and_applied_before_completion(
+    engine: StorageEngine, lun: FakeKernel
+) -> None:
+    store = engine.group("g")
+    data = bytes(range(256)) * 16  # 8 blocks
+    done = lun.run(cdb_rw(WRITE_10, 40, 8), data_out=data)
+    assert done.status == 0
+    records = list(store.journal.read_from(store.journal.first_seq))
+    assert [(r.lba, bytes(r.data)) for r in records] == [(40, data)]
+    assert engine.read("v1", 40, 8) == data
+    back = lun.run(cdb_rw(READ_10, 40, 8), data_in=8 * BS)
+    assert back.status == 0 and back.buffer == data
+
+
+def test_secondary_lun_refuses_writes_until_promoted(
+    engine: StorageEngine, lun: FakeKernel
+) -> None:
+    store = engine.group("g")
+    store.set_role(Role.SECONDARY)
+    refused = lun.run(cdb_rw(WRITE_10, 0, 1), data_out=b"x" * BS)
+    assert refused.status == CHECK_CONDITION
+    sense = (refused.sense[2] & 0x0F, refused.sense[12], refused.sense[13])
+    assert sense == (DATA_PROTECT, 0x27, 0)
+    mode = lun.run(cdb_mode_sense(0x3F), data_in=255)
+    assert mode.buffer is not None and mode.buffer[2] & 0x80  # WP bit
+    assert store.journal.next_seq == store.journal.first_seq  # nothing journaled
+    store.set_role(Role.PRIMARY)  # promotion: no target or ring reconfiguration
+    accepted = lun.run(cdb_rw(WRITE_10, 0, 1), data_out=b"y" * BS)
+    assert accepted.status == 0 and engine.read("v1", 0, 1) == b"y" * BS
+
+
+def test_compare_and_write_goes_through_the_group(engine: StorageEngine, lun: FakeKernel) -> None:
+    assert lun.run(cdb_rw(WRITE_10, 7, 1), data_out=b"a" * BS).status == 0
+    ok = lun.run(cdb_compare_and_write(7, 1), data_out=b"a" * BS + b"b" * BS)
+    assert ok.status == 0 and engine.read("v1", 7, 1) == b"b" * BS
+    miss = lun.run(cdb_compare_and_write(7, 1), data_out=b"b" * 9 + b"?" * 503 + b"c" * BS)
+    assert miss.status == CHECK_CONDITION and miss.sense[2] & 0x0F == MISCOMPARE
+    assert int.from_bytes(miss.sense[3:7], "big") == 9  # first differing byte
+    assert engine.read("v1", 7, 1) == b"b" * BS
