@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +92,7 @@ class GroupStore:
         self._applied = SequenceWatermark(info.applied_seq)
         self._checkpointed = info.applied_seq
         self._checkpoint_lock = threading.Lock()
+        self._apply_lock = threading.Lock()  # one applier: records are applied in seq order
         self._failure: BaseException | None = None
         # Replication sets this: the lowest seq the peer still needs; trim never passes it.
         self.retain_from: Callable[[], int] | None = None
@@ -297,6 +298,39 @@ class GroupStore:
             ov.volume.write(lba, data)
         else:
             ov.volume.write_zeros(lba, length // ov.volume.block_size)
+
+    # --- the secondary's side: store replicated records, apply them in order ----------------
+
+    def receive(self, records: Sequence[Record]) -> int:
+        """Store records shipped by the primary in the receive journal, strictly in sequence
+        (SequenceGap otherwise, JournalCorrupt on a bad CRC: nothing of a bad record is
+        stored). Returns the highest seq durably received: the acknowledgement to send."""
+        self._check_usable()
+        if self._info.role is Role.PRIMARY:
+            raise WriteProtected(
+                f"group {self.name!r} is primary here: it does not take replicated records"
+            )
+        for record in records:
+            self._journal.append_record(record)
+        return self._journal.durable_seq
+
+    def apply_received(self, max_records: int | None = None) -> int:
+        """Apply received records past the applied watermark, strictly in sequence order, so
+        the image is always a prefix of the primary's history; return the applied seq."""
+        with self._apply_lock:
+            self._check_usable()
+            start = self._applied.value + 1
+            if start > self._journal.durable_seq:
+                return self._applied.value
+            for record in self._journal.read_from(start, max_records):
+                with self._barrier.writer():
+                    try:
+                        self._apply_record(record)
+                    except BaseException as error:
+                        self._failure = error  # the replay at the next open retries it
+                        raise
+                self._applied.complete(record.seq)
+            return self._applied.value
 
     # --- reads ---------------------------------------------------------------------------------
 

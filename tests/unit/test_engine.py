@@ -20,6 +20,7 @@ from targetd_repl.errors import (
     Misaligned,
     NotFound,
     OutOfRange,
+    SequenceGap,
     WriteProtected,
 )
 from targetd_repl.model import RecordKind, Role
@@ -264,3 +265,32 @@ def test_kill9_loses_no_acknowledged_write(tmp_path: Path, seed: int) -> None:
         expected[record.lba * BS : record.lba * BS + record.length] = record.data
     assert volume == expected
     engine.close()
+
+
+def test_secondary_receives_and_applies_in_order(tmp_path: Path) -> None:
+    primary = StorageEngine.open(tmp_path / "a", site="site-a", settings=SMALL)
+    secondary = StorageEngine.open(tmp_path / "b", site="site-b", settings=SMALL)
+    primary.create_group("g")
+    secondary.create_group("g", Role.SECONDARY)
+    for engine in (primary, secondary):
+        engine.create_volume("v1", SIZE, group="g")
+        engine.create_volume("v2", SIZE, group="g")
+    rng = random.Random(5)
+    for _ in range(50):
+        volume = rng.choice(["v1", "v2"])
+        primary.write(volume, rng.randrange(0, 1000), rng.randbytes(4 * BS))
+    primary.write_zeros("v1", 0, 64)
+    source, target = primary.group("g"), secondary.group("g")
+    records = list(source.journal.read_from(source.journal.first_seq))
+    with pytest.raises(SequenceGap):
+        target.receive(records[1:2])  # out of order: refused, nothing stored
+    assert target.receive(records[:30]) == records[29].seq
+    assert target.apply_received(max_records=10) == records[9].seq  # a prefix, in order
+    assert target.receive(records[30:]) == records[-1].seq
+    assert target.apply_received() == records[-1].seq
+    for volume in ("v1", "v2"):
+        assert secondary.read(volume, 0, SIZE // BS) == primary.read(volume, 0, SIZE // BS)
+    with pytest.raises(WriteProtected):
+        source.receive(records[:1])  # a primary never takes replicated records
+    primary.close()
+    secondary.close()
