@@ -25,6 +25,11 @@ class FailedPrecondition(TargetdReplError):
     """The object exists but its state forbids the request (e.g. deleting a paired volume)."""
 
 
+class IllegalTransition(FailedPrecondition):
+    """A pair command or event that its state table does not allow; the message names the pair,
+    its state and where the command applies (roles/pair_state.py)."""
+
+
 # --- storage -----------------------------------------------------------------------------------
 
 

@@ -23,9 +23,11 @@ The model, after DRBD's generation identifiers
   that generation (seeds 001/003: second difference information). Together they play DRBD's
   *bitmap UUID*: each tracks changes against a known point of the shared history.
 * A site's image is *consistent* unless it is the target of an unfinished copy or resync. A
-  target adopts the source's history only when the copy completes (a journal resume keeps it
-  consistent, so there it adopts at once); an interrupted copy therefore meets the same rule on
-  the next handshake and resumes.
+  target adopts the source's history only when the copy completes; during a journal resume (which
+  keeps it consistent) it adopts each generation as the replay reaches that generation's start
+  (its `prev_last_seq`: the journal's epoch markers), so its history never claims a generation
+  its image has not reached. An interrupted copy or replay therefore meets the same rule on the
+  next handshake and resumes.
 
 How a decision is reached
 -------------------------
@@ -273,8 +275,10 @@ class HandshakeDecision:
     fence: a site that must demote (refuse writes, role secondary) before anything else.
     after_fence: what follows once `fence` has demoted (STALE_PEER_MUST_DEMOTE only).
 
-    A target adopts the source's epoch history when the copy completes; for RESUME_JOURNAL and
-    NOTHING_TO_DO it adopts at once (its image stays a prefix of the source's history).
+    A target adopts the source's epoch history when a BITMAP_RESYNC or FULL_COPY completes. For
+    RESUME_JOURNAL and NOTHING_TO_DO it follows the journal: it drops any generation the source
+    lacks and adopts each of the source's generations once its image reaches that generation's
+    start (prev_last_seq) - those it has already reached, at once.
     """
 
     action: Action
@@ -291,7 +295,9 @@ class HandshakeDecision:
     after_fence: HandshakeDecision | None = None
 
     @property
-    def target_adopts_history_now(self) -> bool:
+    def target_adopts_history_with_journal(self) -> bool:
+        """True: adopt generation by generation as the replay passes each start; False: adopt
+        the whole history when the copy completes (or nothing moves)."""
         return self.action in (Action.RESUME_JOURNAL, Action.NOTHING_TO_DO)
 
 
