@@ -11,3 +11,7 @@ class LabError(TargetdReplError):
 
 class ScenarioFailed(LabError):
     """A scenario ran but failed, timed out or produced no result; the message carries the logs."""
+
+
+class ScenarioAssertion(AssertionError):
+    """Inside the guest: a scenario's check on data failed (the scenario fails with it)."""

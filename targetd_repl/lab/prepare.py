@@ -61,6 +61,7 @@ GUEST_MODULES = (
 )
 
 NINEP_MSIZE = 262144
+MODULES_DONE = "/run/lab-modules-loaded"  # in the guest: its uptime when the modules were in
 
 STAGE1_TEMPLATE = r"""#!/bin/busybox sh
 # targetd_repl lab, stage 1 (initramfs): mount the host's root read-only over 9p with a tmpfs
@@ -110,25 +111,30 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# No tmpfs over /tmp: the repo, its venv or the lab dir may live there (a CI clone), and writes
+# land in the overlay's tmpfs anyway.
 mkdir -p /run/lock/iscsi /var/lib/iscsi
 hostname targetd-lab
 ifconfig lo 127.0.0.1 up
 dmesg -n 1
 # rtslib needs /etc/target; the kernel needs pr/ and alua/ there BEFORE target_core_mod loads.
 mkdir -p /etc/target/pr /etc/target/alua
-# The modules of {modules}, dependencies first (modprobe --show-depends, computed by prepare).
-while read -r ko; do
-    name=$(basename "$ko" .ko | tr - _)
-    [ -d "/sys/module/$name" ] || insmod "/lib/modules/{kver}/$ko" \
-        || echo "lab: insmod $ko failed"
-done < "{modlist}"
-grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs configfs /sys/kernel/config
-t_mods=$(uptime_s)
-echo "lab: stage 2 at $t_init s, modules loaded at $t_mods s"
+# The modules of {modules}, dependencies first (modprobe --show-depends, computed by prepare),
+# loaded in the background while Python starts; the guest runner waits for MODULES_DONE.
+(
+    while read -r ko; do
+        name=$(basename "$ko" .ko | tr - _)
+        [ -d "/sys/module/$name" ] || insmod "/lib/modules/{kver}/$ko" \
+            || echo "lab: insmod $ko failed"
+    done < "{modlist}"
+    grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs configfs /sys/kernel/config
+    uptime_s > {modules_done}.tmp && mv {modules_done}.tmp {modules_done}
+    echo "lab: modules loaded at $(uptime_s) s"
+) &
+echo "lab: stage 2 at $t_init s"
 cd "${{lab_repo:-/}}"
 "${{lab_python:-python3}}" -m targetd_repl.lab.guest "$lab_scenario" --out /lab-results \
-    --boot-s "$t_init" --modules-s "$t_mods"
+    --boot-s "$t_init"
 echo "$?" > /lab-results/exit-code
 echo "lab: scenario exited at $(uptime_s) s, powering off"
 sync
@@ -276,7 +282,9 @@ def stage1_script(kver: str, moddir: Path, modules: list[Path]) -> str:
 
 
 def stage2_script(kver: str, modlist: Path) -> str:
-    return STAGE2_SCRIPT.format(modules=" ".join(GUEST_MODULES), kver=kver, modlist=modlist)
+    return STAGE2_SCRIPT.format(
+        modules=" ".join(GUEST_MODULES), kver=kver, modlist=modlist, modules_done=MODULES_DONE
+    )
 
 
 def extract_vmlinux(vmlinuz: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ from targetd_repl.lio.config import (
     site_iqn,
     user_config,
 )
-from targetd_repl.lio.plan import LioState, plan
+from targetd_repl.lio.plan import LioConflict, LioState, plan
 from targetd_repl.lio.rts import (
     apply,
     ensure_acl,
@@ -32,6 +32,7 @@ from targetd_repl.lio.rts import (
     ensure_portal,
     ensure_target,
     ensure_user_backstore,
+    get_backstore_attribute,
     read_state,
     reconcile,
     remove_acl,
@@ -41,6 +42,7 @@ from targetd_repl.lio.rts import (
     remove_target,
     save_config,
     set_alua_state,
+    set_backstore_attribute,
     set_demo_mode,
     set_lun_alua_group,
 )
@@ -54,6 +56,7 @@ __all__ = [
     "BackstoreKind",
     "Chap",
     "LioConfig",
+    "LioConflict",
     "LioState",
     "LunSpec",
     "Portal",
@@ -66,6 +69,7 @@ __all__ = [
     "ensure_portal",
     "ensure_target",
     "ensure_user_backstore",
+    "get_backstore_attribute",
     "parse_uio_name",
     "plan",
     "read_state",
@@ -77,6 +81,7 @@ __all__ = [
     "remove_target",
     "save_config",
     "set_alua_state",
+    "set_backstore_attribute",
     "set_demo_mode",
     "set_lun_alua_group",
     "site_iqn",

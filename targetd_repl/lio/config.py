@@ -4,7 +4,8 @@ This module alone knows how our objects are named in LIO:
 
 - one iSCSI target per site, IQN `iqn.2025-01.io.github.targetd-repl:<site>` (lowercased, `_`
   becomes `-`: IQNs allow neither upper case nor underscores), with one TPG (tag 1);
-- one storage object per volume, named after the volume; a `user` (TCMU) backstore carries the
+- one storage object per volume, named after the volume, its T10 unit serial starting with
+  `targetd-` (our ownership mark); a `user` (TCMU) backstore carries the
   config string `targetd/<volume>`, so its uio device is named
   `tcm-user/<hba>/<volume>/targetd/<volume>` and the data path finds its volume by that name;
 - an optional ALUA target port group per site on each storage object (promotion flips its state).
@@ -13,6 +14,7 @@ This module alone knows how our objects are named in LIO:
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, field
 
 from targetd_repl.errors import InvalidArgument
@@ -23,6 +25,9 @@ USER_SUBTYPE = "targetd"
 TPG_TAG = 1
 DEFAULT_PORT = 3260
 UIO_NAME_PREFIX = "tcm-user/"
+# The T10 unit serial (vpd_unit_serial) of every backstore we create starts with this: it marks
+# the object as ours (a fileio backstore has no other place to say so).
+WWN_PREFIX = "targetd-"
 CHAP_MAX = 255
 
 
@@ -59,6 +64,15 @@ def user_config(volume: str) -> str:
 
 def is_our_user_config(config: str | None) -> bool:
     return config is not None and config.startswith(USER_SUBTYPE + "/")
+
+
+def new_wwn() -> str:
+    """A fresh T10 unit serial carrying our ownership mark."""
+    return f"{WWN_PREFIX}{uuid.uuid4()}"
+
+
+def is_our_wwn(wwn: str | None) -> bool:
+    return wwn is not None and wwn.startswith(WWN_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,7 @@ class LunSpec:
     path: str | None = None  # fileio: the backing file (created sparse when missing)
     lun: int | None = None  # None: keep the number it has, else the lowest free one
     hw_max_sectors: int | None = None  # user: largest command the kernel passes up, in sectors
+    cmd_time_out: int | None = None  # user: seconds before the kernel fails an unserved command
     write_back: bool = False  # fileio only
 
     def __post_init__(self) -> None:
@@ -162,6 +177,10 @@ class LunSpec:
             raise InvalidArgument(f"volume {self.volume!r}: a user backstore takes no path")
         if self.lun is not None and not 0 <= self.lun <= 65535:
             raise InvalidArgument(f"volume {self.volume!r}: LUN {self.lun} out of 0-65535")
+        if self.cmd_time_out is not None and (
+            self.kind is not BackstoreKind.USER or self.cmd_time_out < 0
+        ):
+            raise InvalidArgument(f"volume {self.volume!r}: cmd_time_out is for user backstores")
         if self.hw_max_sectors is not None and not 8 <= self.hw_max_sectors <= 65536:
             raise InvalidArgument(f"volume {self.volume!r}: hw_max_sectors out of 8-65536")
 

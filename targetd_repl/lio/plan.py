@@ -4,7 +4,8 @@
 Ownership rules (what reconcile may remove):
 - targets whose IQN starts with our prefix are ours; every object under them is ours;
 - a user backstore is ours when its config subtype is `targetd`;
-- a fileio backstore is ours when one of our targets exports it;
+- a fileio backstore is ours when its T10 unit serial carries our mark (`targetd-...`) or one
+  of our targets exports it;
 - everything else is foreign and left alone. A wanted name taken by a foreign object is a
   conflict: reported as an error, never overwritten.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from targetd_repl.errors import FailedPrecondition
+from targetd_repl.errors import FailedPrecondition, LioError
 from targetd_repl.lio.config import (
     TPG_TAG,
     AclSpec,
@@ -30,7 +31,13 @@ from targetd_repl.lio.config import (
     Portal,
     is_our_iqn,
     is_our_user_config,
+    is_our_wwn,
 )
+
+
+class LioConflict(LioError, FailedPrecondition):
+    """A name we need is taken by a foreign LIO object: never overwritten."""
+
 
 # --- what configfs holds ---------------------------------------------------------------------
 
@@ -44,6 +51,7 @@ class ObservedBackstore:
     path: str | None = None  # fileio backstores
     block_size: int | None = None
     hw_max_sectors: int | None = None
+    wwn: str | None = None  # the T10 unit serial
     alua_groups: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # name: (id, state)
 
     @property
@@ -283,6 +291,8 @@ Action = (
 def backstore_is_ours(bs: ObservedBackstore, state: LioState) -> bool:
     if bs.plugin == BackstoreKind.USER:
         return is_our_user_config(bs.config)
+    if bs.plugin == BackstoreKind.FILEIO and is_our_wwn(bs.wwn):
+        return True
     for target in state.targets.values():
         if is_our_iqn(target.iqn) and any(
             (lun.plugin, lun.storage_object) == bs.key for lun in target.luns.values()
@@ -313,7 +323,7 @@ def _check_conflicts(wanted: LioConfig, state: LioState) -> None:
             if plugin == spec.kind and not backstore_is_ours(bs, state):
                 if spec.kind is BackstoreKind.FILEIO and bs.path == spec.path:
                     continue  # the same file: adopt it
-                raise FailedPrecondition(
+                raise LioConflict(
                     f"LIO: cannot create {spec.kind} backstore {name!r}: a foreign {plugin} "
                     f"backstore of that name exists (config {bs.config or bs.path!r})"
                 )

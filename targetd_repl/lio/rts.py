@@ -45,6 +45,7 @@ from targetd_repl.lio.config import (
     LioConfig,
     LunSpec,
     Portal,
+    new_wwn,
     site_iqn,
 )
 from targetd_repl.lio.plan import (
@@ -96,10 +97,14 @@ _SO_CLASSES: dict[str, Any] = {
 # --- errors ------------------------------------------------------------------------------------
 
 
+def _is_mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
 def _configfs_problem() -> str | None:
     """Why LIO cannot be configured here, or None when configfs and target_core_mod are there."""
     if not (CONFIGFS / "target").is_dir():
-        if not os.path.ismount(CONFIGFS):
+        if not _is_mounted(CONFIGFS):
             return f"configfs not mounted at {CONFIGFS}"
         return f"target_core_mod not loaded (no {CONFIGFS / 'target'})"
     return None
@@ -186,7 +191,11 @@ def _observe_backstore(so: Any) -> ObservedBackstore:
     config = so.config if plugin == BackstoreKind.USER else None
     path = so.udev_path if plugin == BackstoreKind.FILEIO else None
     hw_max = _int_or_none(lambda: so.hw_max_sectors) if plugin == BackstoreKind.USER else None
-    block_size = _int_or_none(lambda: so.get_attribute("block_size"))
+    block_attribute = "hw_block_size" if plugin == BackstoreKind.USER else "block_size"
+    block_size = _int_or_none(lambda: so.get_attribute(block_attribute))
+    wwn = None
+    with contextlib.suppress(RTSLibError, OSError):
+        wwn = str(so.wwn)
     groups: dict[str, tuple[int, int]] = {}
     with contextlib.suppress(RTSLibError, OSError):
         for group in so.alua_tpgs:
@@ -200,6 +209,7 @@ def _observe_backstore(so: Any) -> ObservedBackstore:
         path=path,
         block_size=block_size,
         hw_max_sectors=hw_max,
+        wwn=wwn,
         alua_groups=groups,
     )
 
@@ -284,13 +294,16 @@ def _user_control(spec: LunSpec) -> str | None:
 
 def _create_backstore(spec: LunSpec) -> None:
     if spec.kind is BackstoreKind.USER:
-        UserBackedStorageObject(
+        so = UserBackedStorageObject(
             spec.storage_object,
             config=spec.config,
             size=spec.size_bytes,
             hw_max_sectors=spec.hw_max_sectors,
             control=_user_control(spec),
+            wwn=new_wwn(),
         )
+        if spec.cmd_time_out is not None:  # only settable before the first export
+            so.set_attribute("cmd_time_out", spec.cmd_time_out)
         return
     assert spec.path is not None  # LunSpec checks it
     path = Path(spec.path)
@@ -298,8 +311,12 @@ def _create_backstore(spec: LunSpec) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("xb") as backing:
             backing.truncate(spec.size_bytes)
-    so = FileIOStorageObject(
-        spec.storage_object, dev=str(path), size=spec.size_bytes, write_back=spec.write_back
+    so = FileIOStorageObject(  # a distinct rtslib class: same name, other type
+        spec.storage_object,
+        dev=str(path),
+        size=spec.size_bytes,
+        write_back=spec.write_back,
+        wwn=new_wwn(),
     )
     if spec.block_size != 512:
         try:
@@ -449,11 +466,17 @@ def ensure_user_backstore(
     *,
     block_size: int = 512,
     hw_max_sectors: int | None = None,
+    cmd_time_out: int | None = None,
     save: bool = True,
 ) -> bool:
     """A TCMU backstore named after the volume, config `targetd/<volume>`. True if created."""
     spec = LunSpec(
-        volume, size_bytes, block_size, BackstoreKind.USER, hw_max_sectors=hw_max_sectors
+        volume,
+        size_bytes,
+        block_size,
+        BackstoreKind.USER,
+        hw_max_sectors=hw_max_sectors,
+        cmd_time_out=cmd_time_out,
     )
     return _ensure_backstore(spec, save=save)
 
@@ -651,3 +674,32 @@ def set_lun_alua_group(site: str, lun: int, group_name: str, *, save: bool = Tru
         if current is not None and current.alua_group == group_name:
             return False
         return bool(apply([SetLunAluaGroup(iqn, lun, group_name)], save=save))
+
+
+def get_backstore_attribute(kind: BackstoreKind, volume: str, name: str) -> str:
+    """Read an attribute of a backstore (attrib/<name> in configfs)."""
+    with _LOCK, _rtslib_errors(f"read attribute {name} of {kind} backstore {volume!r}"):
+        so = _find_so(str(kind), volume)
+        if so is None:
+            raise RTSLibNotInCFSError(f"no {kind} backstore {volume!r}")
+        return str(so.get_attribute(name)).strip()
+
+
+def set_backstore_attribute(
+    kind: BackstoreKind, volume: str, name: str, value: int | str, *, save: bool = True
+) -> bool:
+    """Set an attribute of a backstore (e.g. TCMU cmd_time_out, before the LUN is exported).
+    True if it changed."""
+    what = f"set attribute {name}={value} of {kind} backstore {volume!r}"
+    with _LOCK:
+        with _rtslib_errors(what):
+            so = _find_so(str(kind), volume)
+            if so is None:
+                raise RTSLibNotInCFSError(f"no {kind} backstore {volume!r}")
+            if str(so.get_attribute(name)).strip() == str(value):
+                return False
+            so.set_attribute(name, value)
+        log.info("LIO: %s", what)
+        if save:
+            save_config()
+        return True
