@@ -1,1 +1,1 @@
-"""Role changes: the pair state machine and the orchestration of switchover/failover/failback/copy."""
+"""Role changes: the pair state machine and the orchestration of role-change commands."""

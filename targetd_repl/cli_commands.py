@@ -1,0 +1,265 @@
+"""The CLI's site commands: each turns parsed arguments into control API calls (api/client.py)
+and hands the replies to cli_output. They speak the control API only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from targetd_repl import cli_output as out
+from targetd_repl.api.client import ControlClient
+from targetd_repl.errors import TargetdReplError
+from targetd_repl.model import PairMode, PairState
+from targetd_repl.replication.settings import FencePolicy
+from targetd_repl.v1 import control_pb2
+
+Handler = Callable[[argparse.Namespace, ControlClient], int]
+
+
+class CommandError(TargetdReplError):
+    """A command failed on this side: a file it cannot read or write, a wait that timed out."""
+
+
+# --- volumes --------------------------------------------------------------------------------------
+
+
+def volume_create(args: argparse.Namespace, client: ControlClient) -> int:
+    volume = client.create_volume(
+        args.name, args.size, block_size=args.block_size, group=args.group or ""
+    )
+    if args.json:
+        out.print_json(out.volume_doc(volume))
+    else:
+        print(
+            f"volume {volume.name} created: {out.human_size(volume.size_bytes)}, "
+            f"block size {volume.block_size}, group {volume.group}"
+        )
+    return 0
+
+
+def volume_list(args: argparse.Namespace, client: ControlClient) -> int:
+    volumes = client.list_volumes(args.group or "")
+    if args.json:
+        out.print_json([out.volume_doc(v) for v in volumes])
+    else:
+        out.print_volumes(volumes)
+    return 0
+
+
+def volume_resize(args: argparse.Namespace, client: ControlClient) -> int:
+    volume = client.resize_volume(args.name, args.size)
+    if args.json:
+        out.print_json(out.volume_doc(volume))
+    else:
+        print(f"volume {volume.name} resized: {out.human_size(volume.size_bytes)}")
+    return 0
+
+
+def volume_delete(args: argparse.Namespace, client: ControlClient) -> int:
+    client.delete_volume(args.name)
+    if args.json:
+        out.print_json({"deleted": args.name})
+    else:
+        print(f"volume {args.name} deleted")
+    return 0
+
+
+# --- groups ---------------------------------------------------------------------------------------
+
+
+def group_create(args: argparse.Namespace, client: ControlClient) -> int:
+    group = client.create_group(args.name)
+    if args.json:
+        out.print_json(out.group_doc(group))
+    else:
+        print(f"group {group.name} created")
+    return 0
+
+
+def group_add(args: argparse.Namespace, client: ControlClient) -> int:
+    volume = client.add_volume(args.group, args.volume)
+    if args.json:
+        out.print_json(out.volume_doc(volume))
+    else:
+        print(f"volume {volume.name} is in group {volume.group}")
+    return 0
+
+
+def group_list(args: argparse.Namespace, client: ControlClient) -> int:
+    groups = client.list_groups()
+    if args.json:
+        out.print_json([out.group_doc(g) for g in groups])
+    else:
+        out.print_groups(groups)
+    return 0
+
+
+# --- pairs ----------------------------------------------------------------------------------------
+
+
+def _show_pair(args: argparse.Namespace, pair: control_pb2.Pair, verb: str) -> int:
+    if args.json:
+        out.print_json(out.pair_doc(pair))
+    else:
+        doc = out.pair_doc(pair)
+        print(f"pair {pair.group} {verb}: peer {pair.peer}, {doc['mode']}, {doc['state']}")
+    return 0
+
+
+def pair_create(args: argparse.Namespace, client: ControlClient) -> int:
+    pair = client.create_pair(args.group, args.peer, PairMode(args.mode), FencePolicy(args.fence))
+    return _show_pair(args, pair, "created")
+
+
+def pair_suspend(args: argparse.Namespace, client: ControlClient) -> int:
+    return _show_pair(args, client.suspend_pair(args.group), "suspended")
+
+
+def pair_resume(args: argparse.Namespace, client: ControlClient) -> int:
+    return _show_pair(args, client.resume_pair(args.group), "resumed")
+
+
+def pair_delete(args: argparse.Namespace, client: ControlClient) -> int:
+    client.delete_pair(args.group)
+    if args.json:
+        out.print_json({"deleted": args.group})
+    else:
+        print(f"pair {args.group} deleted")
+    return 0
+
+
+def _pairs(args: argparse.Namespace, client: ControlClient) -> list[control_pb2.Pair]:
+    return [client.pair_status(args.group)] if args.group else client.list_pairs()
+
+
+def pair_status(args: argparse.Namespace, client: ControlClient) -> int:
+    if args.watch or args.until:
+        return _watch(args, client)
+    if args.group:
+        pair = client.pair_status(args.group)
+        if args.json:
+            out.print_json(out.pair_doc(pair))
+        else:
+            out.print_pair(pair)
+        return 0
+    pairs = client.list_pairs()
+    if args.json:
+        out.print_json([out.pair_doc(p) for p in pairs])
+    else:
+        out.print_pairs(pairs)
+    return 0
+
+
+def _watch(args: argparse.Namespace, client: ControlClient) -> int:
+    """Refresh every --interval seconds until interrupted, or until every pair is in --until
+    state (exit 0), or --until and --wait-timeout seconds passed (exit 1)."""
+    until = PairState(args.until) if args.until else None
+    deadline = time.monotonic() + args.wait_timeout if until and args.wait_timeout else None
+    try:
+        if args.json:
+            return _watch_loop(args, client, until, deadline, _print_json_line)
+        with out.PairWatch() as view:
+            return _watch_loop(args, client, until, deadline, view.update)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_json_line(pairs: list[control_pb2.Pair]) -> None:
+    out.print_json([out.pair_doc(p) for p in pairs])
+    sys.stdout.flush()
+
+
+def _watch_loop(
+    args: argparse.Namespace,
+    client: ControlClient,
+    until: PairState | None,
+    deadline: float | None,
+    show: Callable[[list[control_pb2.Pair]], None],
+) -> int:
+    while True:
+        pairs = _pairs(args, client)
+        show(pairs)
+        if until is not None and pairs and all(out.pair_doc(p)["state"] == until for p in pairs):
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            states = ", ".join(f"{p.group} {out.pair_doc(p)['state']}" for p in pairs)
+            raise CommandError(
+                f"pairs not {until} after {args.wait_timeout:g} s: {states or 'no pairs'}"
+            )
+        time.sleep(args.interval)
+
+
+# --- I/O ------------------------------------------------------------------------------------------
+
+
+def io_write(args: argparse.Namespace, client: ControlClient) -> int:
+    if args.data_file is not None:
+        try:
+            data = Path(args.data_file).read_bytes()
+        except OSError as error:
+            raise CommandError(f"cannot read {args.data_file}: {error.strerror}") from None
+    else:
+        data = bytes([args.pattern]) * args.length
+    seq = client.write(args.volume, args.offset, data)
+    if args.json:
+        out.print_json(
+            {"volume": args.volume, "offset": args.offset, "length": len(data), "seq": seq}
+        )
+    else:
+        print(f"wrote {len(data)} bytes to {args.volume} at offset {args.offset} (seq {seq})")
+    return 0
+
+
+def io_read(args: argparse.Namespace, client: ControlClient) -> int:
+    data = client.read(args.volume, args.offset, args.length)
+    digest = hashlib.sha256(data).hexdigest()
+    if args.out is not None:
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as error:
+            raise CommandError(f"cannot write {args.out}: {error.strerror}") from None
+    if args.json:
+        document: out.Document = {
+            "volume": args.volume,
+            "offset": args.offset,
+            "length": len(data),
+            "sha256": digest,
+        }
+        if args.out is None:
+            document["data_base64"] = base64.b64encode(data).decode()
+        out.print_json(document)
+    elif args.out is not None:
+        print(f"read {len(data)} bytes of {args.volume} at offset {args.offset} into {args.out}")
+    elif sys.stdout.isatty():
+        print(out.hexdump(data, args.offset))
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+# --- the site -------------------------------------------------------------------------------------
+
+
+def site_info(args: argparse.Namespace, client: ControlClient) -> int:
+    info = client.site_info()
+    if args.json:
+        out.print_json(out.site_doc(info))
+    else:
+        out.print_site(info)
+    return 0
+
+
+def site_set_peer(args: argparse.Namespace, client: ControlClient) -> int:
+    peer = client.set_peer_address(args.name, args.peer_address)
+    if args.json:
+        out.print_json({"name": peer.name, "address": peer.address})
+    else:
+        print(f"peer {peer.name} is at {peer.address}")
+    return 0
