@@ -171,6 +171,8 @@ class StorageEngine:
         if block_size not in BLOCK_SIZES:
             raise InvalidArgument(f"block size {block_size} is not one of {BLOCK_SIZES}")
         with self._admin:
+            if name in {v.name for v in self._metadata.list_volumes()}:
+                raise AlreadyExists(f"volume {name!r} already exists")
             path = self._volume_path(name)
             if path.exists():
                 raise AlreadyExists(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from targetd_repl.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     Misaligned,
@@ -294,3 +295,11 @@ def test_secondary_receives_and_applies_in_order(tmp_path: Path) -> None:
         source.receive(records[:1])  # a primary never takes replicated records
     primary.close()
     secondary.close()
+
+
+def test_duplicate_volume_is_refused_by_name(tmp_path: Path) -> None:
+    engine = open_engine(tmp_path)
+    engine.create_volume("v1", SIZE)
+    with pytest.raises(AlreadyExists, match="volume 'v1' already exists"):
+        engine.create_volume("v1", SIZE, group="v1")
+    engine.close()
