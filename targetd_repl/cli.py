@@ -40,6 +40,8 @@ DEFAULT_TIMEOUT = 30.0
 # bench name -> modules of bench/ (package targetd_repl_bench) whose run() results are merged.
 BENCHES: dict[str, tuple[str, ...]] = {
     "journal": ("journal", "snapshot"),
+    "datapath": ("datapath",),
+    "replication": ("replication",),
 }
 
 

@@ -15,15 +15,18 @@ whose data every volume of the group had fdatasync'ed.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from targetd_repl.errors import (
     FailedPrecondition,
+    InvalidArgument,
     JournalCorrupt,
     JournalFull,
     NotFound,
@@ -40,6 +43,7 @@ from targetd_repl.model import (
     VolumeInfo,
 )
 from targetd_repl.storage.barrier import WriteBarrier
+from targetd_repl.storage.fileutil import fsync_dir
 from targetd_repl.storage.journal import Journal
 from targetd_repl.storage.journal_record import Record
 from targetd_repl.storage.metadata import MetadataStore
@@ -96,6 +100,19 @@ class GroupStore:
         self._failure: BaseException | None = None
         # Replication sets this: the lowest seq the peer still needs; trim never passes it.
         self.retain_from: Callable[[], int] | None = None
+        # Replication hooks (replication/primary.py sets them on a paired primary; None = off).
+        # on_written(seq, volume_id, offset, length): inside the write slot (barrier and range
+        #   held), after the journal append and the volume write: marks the unsent bitmap while
+        #   the pair tracks changes. A barrier close (`quiesced`) therefore sees every write below
+        #   the next seq already marked.
+        # after_write(seq): after the slot is released, before the write is acknowledged: a sync
+        #   pair waits here until the peer holds the seq (it may raise to fail the write).
+        # on_journal_full(): the journal is full and a checkpoint freed nothing: replication
+        #   gives up its retention (tracking the backlog in the unsent bitmap instead); True if
+        #   a second trim may now free space. A local write never fails because the peer is slow.
+        self.on_written: Callable[[int, int, int, int], None] | None = None
+        self.after_write: Callable[[int], None] | None = None
+        self.on_journal_full: Callable[[], bool] | None = None
 
     @classmethod
     def open(
@@ -149,6 +166,12 @@ class GroupStore:
     @property
     def journal(self) -> Journal:
         return self._journal
+
+    @property
+    def group_dir(self) -> Path:
+        """The group's directory (the journal lives in its `journal/`; replication keeps its
+        bitmaps and state beside it)."""
+        return self._journal.path.parent
 
     @property
     def applied_seq(self) -> int:
@@ -205,8 +228,10 @@ class GroupStore:
                 return next(
                     i for i, (a, b) in enumerate(zip(current, expect, strict=True)) if a != b
                 )
-            self._journal_and_apply(RecordKind.WRITE, ov, lba, offset, view)
-            return -1
+            seq = self._journal_and_apply(RecordKind.WRITE, ov, lba, offset, view)
+        if self.after_write is not None:
+            self.after_write(seq)
+        return -1
 
     def _check_write(self, volume_id: int, lba: int, length: int) -> tuple[OpenVolume, int]:
         """Validate before anything is journaled: a refused write must leave no record."""
@@ -236,7 +261,10 @@ class GroupStore:
     ) -> int:
         ov, offset = self._check_write(volume_id, lba, length)
         with self._write_slot(ov, offset, length):
-            return self._journal_and_apply(kind, ov, lba, offset, data, length)
+            seq = self._journal_and_apply(kind, ov, lba, offset, data, length)
+        if self.after_write is not None:
+            self.after_write(seq)
+        return seq
 
     def _journal_and_apply(
         self,
@@ -262,6 +290,8 @@ class GroupStore:
             log.error("group %s: volume write failed after journaling: %s", self.name, error)
             raise
         self._applied.complete(seq)
+        if self.on_written is not None:
+            self.on_written(seq, ov.info.id, offset, length)
         return seq
 
     def _append(
@@ -274,11 +304,28 @@ class GroupStore:
             )
         except JournalFull:
             # Without a peer holding records back, a checkpoint frees the journal; try once.
-            if self.checkpoint_and_trim() == 0:
-                raise
-            return self._journal.append(
-                kind, ov.info.id, lba, payload, epoch=self._info.epoch, length=length
-            )
+            if self.on_journal_full is None:
+                if self.checkpoint_and_trim() == 0:
+                    raise
+                return self._journal.append(
+                    kind, ov.info.id, lba, payload, epoch=self._info.epoch, length=length
+                )
+        # Paired: the peer's retention is released (on_journal_full) and the journal trimmed.
+        # Concurrent writers race for the space freed, so try a few times before failing.
+        released = False
+        for attempt in range(8):
+            self.checkpoint_and_trim()
+            try:
+                return self._journal.append(
+                    kind, ov.info.id, lba, payload, epoch=self._info.epoch, length=length
+                )
+            except JournalFull:
+                hook = self.on_journal_full
+                if attempt == 7 or (released and hook is None):
+                    raise
+                if not released and hook is not None:
+                    released = hook()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _apply(
@@ -301,18 +348,92 @@ class GroupStore:
 
     # --- the secondary's side: store replicated records, apply them in order ----------------
 
-    def receive(self, records: Sequence[Record]) -> int:
+    def receive(
+        self, records: Sequence[Record], volume_map: Mapping[int, int] | None = None
+    ) -> int:
         """Store records shipped by the primary in the receive journal, strictly in sequence
-        (SequenceGap otherwise, JournalCorrupt on a bad CRC: nothing of a bad record is
-        stored). Returns the highest seq durably received: the acknowledgement to send."""
+        (SequenceGap otherwise, JournalCorrupt on a bad CRC: nothing of a bad batch is
+        stored), as one group commit. `volume_map` maps the primary's volume ids to ours (ids
+        are site-local). Returns the highest seq durably received: the acknowledgement."""
         self._check_usable()
         if self._info.role is Role.PRIMARY:
             raise WriteProtected(
                 f"group {self.name!r} is primary here: it does not take replicated records"
             )
-        for record in records:
-            self._journal.append_record(record)
+        self._journal.append_records(records, volume_map=volume_map)
         return self._journal.durable_seq
+
+    def restart_journal(self, start_seq: int) -> None:
+        """Secondary, at the start of a resync copy: apply every record received, checkpoint,
+        and start the receive journal afresh at `start_seq` (the first seq the copy stream
+        carries; the seqs in between are covered by the copy, never shipped).
+
+        Crash order: the segments go first, the checkpoint second. A crash between leaves an
+        empty journal at the old checkpoint + 1, which the next handshake resyncs again."""
+        with self._apply_lock, self._barrier.closed():
+            self._check_usable()
+            journal = self._journal
+            if start_seq <= journal.durable_seq:
+                raise FailedPrecondition(
+                    f"group {self.name!r}: cannot restart the receive journal at seq "
+                    f"{start_seq}, it already holds up to {journal.durable_seq}"
+                )
+            start = self._applied.value + 1
+            for record in journal.read_from(start) if start <= journal.durable_seq else ():
+                self._apply_record(record)
+                self._applied.complete(record.seq)
+            self.checkpoint()
+            path = journal.path
+            journal.close()
+            for segment in path.glob("seg-*.log"):
+                segment.unlink()
+            fsync_dir(path)
+            self._journal = Journal.open(
+                path,
+                group_id=self._info.id,
+                size_limit=journal.size_limit,
+                segment_size=journal.segment_size,
+                start_seq=start_seq,
+            )
+            with self._checkpoint_lock:
+                self._info = self._metadata.set_checkpoint(self._info.id, applied_seq=start_seq - 1)
+                self._applied.reset(start_seq - 1)
+                self._checkpointed = start_seq - 1
+
+    # --- replication: resync copies and quiet points (the primary's side) -------------------
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold with no write inside its slot: every seq below journal.next_seq has finished
+        its journal append, volume write and on_written hook."""
+        with self._barrier.closed():
+            yield
+
+    def copy_region(self, volume_id: int, offset: int, length: int) -> int:
+        """Journal the bytes [offset, offset+length) of a volume as they are now, as an ordinary
+        record, and return its seq: a resync copy that takes its place in the one ordered
+        stream. Read under the range lock inside the write slot, so the copy holds exactly the
+        writes with a lower seq. All-zero ranges (holes) travel as ZERO records, without data.
+        The volume itself is not written (it already holds these bytes)."""
+        self._check_usable()
+        ov = self._open_volume(volume_id)
+        block = ov.volume.block_size
+        if offset % block or length % block or length <= 0:
+            raise InvalidArgument(
+                f"volume {ov.info.name!r}: copy range {offset}+{length} is not whole blocks"
+            )
+        lba = offset // block
+        with self._write_slot(ov, offset, length):
+            if _is_hole(ov.volume.path, offset, length):
+                data: memoryview | None = None
+            else:
+                data = memoryview(ov.volume.pread(offset, length))
+                if data == _zeros(length):
+                    data = None
+            kind = RecordKind.ZERO if data is None else RecordKind.WRITE
+            seq = self._append(kind, ov, lba, data, length)
+            self._applied.complete(seq)
+        return seq
 
     def apply_received(self, max_records: int | None = None) -> int:
         """Apply received records past the applied watermark, strictly in sequence order, so
@@ -449,6 +570,31 @@ class GroupStore:
             # The rollback is not journaled: it is durable in the volume before we report it.
             ov.volume.flush()
             return restored
+
+
+def _is_hole(path: Path, offset: int, length: int) -> bool:
+    """True if [offset, offset+length) of the file holds no data extent (SEEK_DATA): a sparse
+    region reads as zeros without reading it. False when the filesystem cannot tell."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as error:
+        # ENXIO: no data at or after offset. EINVAL: SEEK_DATA unsupported; read the bytes.
+        return error.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    return data_at >= offset + length
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(length: int) -> bytes:
+    """A cached run of zero bytes to compare a copied range with (memcmp speed)."""
+    zeros = _ZEROS.get(length)
+    if zeros is None:
+        zeros = _ZEROS.setdefault(length, bytes(length))
+    return zeros
 
 
 def _first_difference(a: bytes, b: memoryview) -> int:

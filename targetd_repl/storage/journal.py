@@ -5,14 +5,18 @@ Files. A journal is a directory of segments `seg-<first_seq:020d>.log`, each a r
 A batch never spans segments, and a segment is fdatasync'ed before the next one is created, so
 every segment but the last is complete: damage there is corruption, never a torn tail.
 
-Group commit (leader/follower, two pipelined roles). An appender computes its payload CRC with no
-lock held, then under the lock takes the next seq and joins the open batch. The first appender
-that finds no writer becomes the writer: it takes the whole open batch, stamps the headers and
-writes them with one pwritev, then hands the writer role to the first appender of the batch that
-formed meanwhile. It then takes the syncer role (one fdatasync at a time) and syncs everything
-written so far, which makes its batch (and often the next one) durable; waiting appenders are
-woken per batch. So the next batch is copied into the page cache while this one is being flushed,
-and one appender at queue depth 1 does all of it in its own thread, without a hand-off.
+Group commit (leader/follower: no dedicated thread, two roles taken by appenders). An appender
+computes its payload CRC with no lock held, then under the lock takes the next seq and joins the
+open batch. If nobody holds the writer role it takes it: it takes the whole open batch, stamps
+the headers (seq, commit floor, CRC) and writes them with one pwritev. Then it takes the syncer
+role if that is free: one fdatasync covers everything written so far, and the appenders of every
+batch it completes are woken (per-thread locks). If another thread is syncing, the writer keeps
+the writer role and writes the batch that formed meanwhile, so the next batch is copied into the
+page cache while this one is flushed, without waking anyone; when there is nothing to write it
+parks until a sync covers its batch or hands it the syncer role. A syncer keeps syncing while
+more has been written (bounded), and may wait up to group_commit_wait for as many records as its
+last fdatasync covered, so steady load shares fsyncs between all writers. At queue depth 1 the
+appender does all of it in its own thread: no hand-off, no wait.
 
 Recovery. Each record carries commit_floor, the highest seq durable when it was written. At open
 the last segment is scanned; the first record S that fails its checks is a torn tail (truncated)
@@ -30,7 +34,7 @@ import time
 from _thread import LockType, allocate_lock
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -63,8 +67,10 @@ from targetd_repl.storage.journal_record import (
 __all__ = ["DEFAULT_SEGMENT_SIZE", "Journal", "segment_name"]
 
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
-# How long a syncer may wait for the appenders the previous fsync woke (see Journal._gather).
+# How long an fdatasync may wait for more appends to share it (see Journal._gather).
 DEFAULT_GROUP_COMMIT_WAIT = 0.0005
+# How many fdatasyncs in a row one syncer runs before it hands the role on (see Journal._sync).
+SYNC_ROUNDS = 16
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024, 1024)
 READ_CHUNK = 1 << 20
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
@@ -171,13 +177,13 @@ class Journal:
         self._group_id = group_id
         self._size_limit = size_limit
         self._segment_size = segment_size
-        self._group_commit_wait = group_commit_wait
         self._segments = segments
         self._segment_starts = [s.first_seq for s in segments]
         self._active = segments[-1]
         self._lock = threading.Lock()
         # Two conditions on the one lock, so a write wakes only who waits for writes.
-        self._written_cond = threading.Condition(self._lock)  # a gathering syncer, a roll-over
+        # A gathering syncer waits for writes; a roll-over waits for the syncer role.
+        self._written_cond = threading.Condition(self._lock)
         self._state_cond = threading.Condition(self._lock)  # durable_seq, failure, close
         last = self._active.end_seq - 1
         self._next_seq = last + 1
@@ -188,10 +194,13 @@ class Journal:
         self._inflight: deque[_Batch] = deque()  # taken by a writer, not yet durable, seq order
         self._writer_busy = False  # a writer is writing, or the role was handed to a candidate
         self._syncing = False  # a thread holds the syncer role (gathering, syncing, rolling)
+        self._gathering = False
         self._sync_group = 1  # records the last fdatasync covered: what _gather() waits for
+        self._group_commit_wait = group_commit_wait
         self._roll_waiting = False
         self._roll_requested = False
         self._io_threads = 0  # threads inside a syscall on our fds: close() waits for them
+        self._state_watchers = 0  # threads in wait_durable_beyond()
         self._closing = False
         self._closed = False
         self._failure: str | None = None
@@ -213,7 +222,7 @@ class Journal:
         """Open (or create) the journal in directory `path`, cutting a torn tail left by a crash.
 
         `start_seq` names the first seq only when the directory holds no segment yet.
-        `group_commit_wait` bounds how long an fdatasync waits for more appends to share it.
+        `group_commit_wait` bounds how long an fdatasync may wait for more appends to share it.
         Raises JournalCorrupt when damage hits a record that was acknowledged (as the commit
         floor of a later record proves) or any record of a sealed segment."""
         if not 0 <= group_id <= U32_MAX:
@@ -286,6 +295,10 @@ class Journal:
         return self._size_limit
 
     @property
+    def segment_size(self) -> int:
+        return self._segment_size
+
+    @property
     def fsync_count(self) -> int:
         """fdatasync calls made for appends since open (group commit keeps this below appends)."""
         return self._fsyncs
@@ -318,7 +331,7 @@ class Journal:
             length = size
         check_fields(kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch)
         # The payload CRC is the costly part: compute it before taking any lock.
-        data_crc: int = crc32c.crc32c(data) if size else 0
+        data_crc: int = crc32c.crc32c(data, 0, 0) if size else 0
         return self._enqueue(
             None, (int(kind), epoch, volume_id, length, lba, time.time_ns(), data, data_crc)
         )
@@ -357,6 +370,106 @@ class Journal:
                 data_crc,
             ),
         )
+
+    def append_records(
+        self, records: Sequence[Record], *, volume_map: Mapping[int, int] | None = None
+    ) -> int:
+        """Append a batch of records replicated from the peer as ONE group commit (one write,
+        one fdatasync for the batch, not one per record); return the last seq once durable.
+
+        All or nothing: every record is checked first — contiguous seqs from next_seq
+        (SequenceGap), a CRC that verifies as shipped (JournalCorrupt), fields the header can
+        hold (InvalidArgument) — and only then is the batch queued. Group and volume ids are
+        site-local: with `volume_map` (peer volume id -> ours) the records are stored under this
+        journal's group id and our volume ids, with the payload CRC computed once for both the
+        check and the restamped header; without it they must already carry our group id."""
+        if not records:
+            return self._durable_seq
+        entries: list[_Fields] = []
+        for record in records:
+            if volume_map is None:
+                if record.group_id != self._group_id:
+                    raise InvalidArgument(
+                        f"record seq {record.seq} is for group {record.group_id}, "
+                        f"this journal is group {self._group_id}"
+                    )
+                volume_id = record.volume_id
+            else:
+                try:
+                    volume_id = volume_map[record.volume_id]
+                except KeyError:
+                    raise InvalidArgument(
+                        f"record seq {record.seq} names the peer's volume id {record.volume_id}, "
+                        "which maps to no volume of the group here"
+                    ) from None
+            data = record.data
+            check_fields(
+                record.kind,
+                volume_id=volume_id,
+                lba=record.lba,
+                length=record.length,
+                data_size=len(data),
+                epoch=record.epoch,
+            )
+            data_crc = record.data_crc()  # verifies the shipped CRC (with the peer's ids)
+            entries.append(
+                (
+                    int(record.kind),
+                    record.epoch,
+                    volume_id,
+                    record.length,
+                    record.lba,
+                    record.timestamp_ns,
+                    data,
+                    data_crc,
+                )
+            )
+        first = records[0].seq
+        for offset, record in enumerate(records):
+            if record.seq != first + offset:
+                raise SequenceGap(
+                    f"journal {self._path}: batch from seq {first} has seq {record.seq} "
+                    f"at position {offset}"
+                )
+        # Queue the whole batch under one lock hold, then wait exactly as _enqueue does: the
+        # records join the open batch, so one pwritev and one fdatasync cover them all.
+        last = first + len(entries) - 1
+        with self._lock:
+            self._check_usable()
+            if first != self._next_seq:
+                raise SequenceGap(
+                    f"journal {self._path}: got record seq {first}, expected {self._next_seq}"
+                )
+            size = sum(HEADER_SIZE + len(fields[6]) for fields in entries)
+            if self._used + size > self._size_limit:
+                raise JournalFull(
+                    f"journal {self._path}: {size} more bytes would pass the size limit "
+                    f"({self._used} of {self._size_limit} bytes used)"
+                )
+            self._next_seq = last + 1
+            self._used += size
+            batch = self._open_batch
+            was_empty = not batch.entries
+            batch.entries.extend((first + i, fields) for i, fields in enumerate(entries))
+            batch.last_seq = last
+            waiter: LockType | None
+            if self._writer_busy:
+                waiter = allocate_lock()
+                waiter.acquire()
+                if was_empty:
+                    batch.lead_waiter = waiter  # first of the next batch: it will write it
+                else:
+                    batch.waiters.append(waiter)
+            else:
+                self._writer_busy = True
+                waiter = None
+        if waiter is not None:
+            waiter.acquire()
+        if not batch.finished:
+            self._lead(batch)
+        if batch.error is not None:
+            raise JournalError(batch.error)
+        return last
 
     def _enqueue(self, seq: int | None, fields: _Fields) -> int:
         record_size = HEADER_SIZE + len(fields[6])
@@ -399,53 +512,80 @@ class Journal:
     # --- group commit: the writer role --------------------------------------------------------
 
     def _lead(self, batch: _Batch) -> None:
-        """Write `batch` (writer role), hand the writer role on, then see it synced."""
+        """Write `batch` as the writer, then see it synced.
+
+        A writer keeps the role while a sync runs and writes whatever batch formed meanwhile
+        itself: it would only wait otherwise, and handing the role to a sleeping appender costs
+        a wake-up per write. It answers for the newest batch it wrote (`current`; durable implies
+        every earlier one is): it leaves once that one is durable, or it runs the next fdatasync
+        itself, or it parks on that batch until a sync covers it or hands it the syncer role. So
+        whenever something written is not durable, a syncer runs or will be handed the role."""
         with self._lock:
             if batch.finished:
                 return
-            assert batch is self._open_batch
-            # Take the batch now, not at hand-off time: everything that joined while this
-            # thread woke up rides along in the same write.
-            self._open_batch = _Batch()
-            self._inflight.append(batch)
-            self._io_threads += 1
-        try:
-            self._write_batch(batch.entries)
-        except Exception as exc:
+            self._take(batch)
+        current = batch
+        while True:
+            try:
+                self._write_batch(current.entries)
+            except Exception as exc:
+                with self._lock:
+                    self._io_threads -= 1
+                    self._writer_busy = False
+                    self._poison(f"writing {self._active.path}", exc)
+                if not isinstance(exc, OSError):
+                    raise  # a bug, not an I/O error: the journal is poisoned, show it loudly
+                return
             with self._lock:
                 self._io_threads -= 1
-                self._writer_busy = False
-                self._poison(f"writing {self._active.path}", exc)
-            if not isinstance(exc, OSError):
-                raise  # a bug, not an I/O error: the journal is poisoned, show it loudly
-            return
-        with self._lock:
-            self._io_threads -= 1
-            if self._failure is not None:
-                self._writer_busy = False
-                self._state_cond.notify_all()
-                return
-            # Hand the writer role on before syncing, so the next batch is copied into the
-            # page cache while this one is being flushed.
-            if self._open_batch.entries:
-                self._open_batch.grant_lead()
-            else:
-                self._writer_busy = False
-            if batch.finished:
-                return  # a roll-over inside the write already made it durable
-            if self._syncing:
-                # Another thread syncs: park until that sync covers us or hands us the role.
+                if self._failure is not None:
+                    self._writer_busy = False
+                    self._state_cond.notify_all()
+                    return
+                if batch.finished:  # durable already (a roll-over inside the write synced it)
+                    self._release_writer_role()
+                    return
+                if not self._syncing:
+                    self._syncing = True
+                    self._release_writer_role()
+                    parked = None
+                    break
+                if self._open_batch.entries:
+                    current = self._open_batch
+                    self._take(current)
+                    continue
+                # Nothing to write and a sync is running: park until a sync covers `current`
+                # or the syncer hands us its role.
+                self._release_writer_role()
                 parked = allocate_lock()
                 parked.acquire()
                 batch.sync_waiter = parked
-            else:
-                self._syncing = True
-                parked = None
+                break
         if parked is not None:
             parked.acquire()
             if batch.finished:
                 return
         self._sync()
+
+    def _take(self, batch: _Batch) -> None:
+        """Take the open batch for writing (lock held, writer role held)."""
+        assert batch is self._open_batch
+        self._open_batch = _Batch()
+        self._inflight.append(batch)
+        self._io_threads += 1
+        if batch.lead_waiter is not None:
+            # Its candidate writer will not be needed: it waits for the batch like the rest.
+            batch.waiters.append(batch.lead_waiter)
+            batch.lead_waiter = None
+
+    def _release_writer_role(self) -> None:
+        """Give the writer role to the first appender of the open batch, or free it (lock held).
+        Handing it on before syncing lets the next batch be copied into the page cache while
+        this one is being flushed."""
+        if self._open_batch.entries:
+            self._open_batch.grant_lead()
+        else:
+            self._writer_busy = False
 
     def _write_batch(self, entries: list[_Entry]) -> None:
         """Stamp headers and write `entries` at the end of the active segment, rolling over to a
@@ -518,56 +658,88 @@ class Journal:
             seg.offsets.extend(offsets)
             seg.size = pos
             self._written_seq = entries[-1][0]
-            self._written_cond.notify()  # a gathering syncer counts the new records
+            if self._gathering:
+                self._written_cond.notify()
 
     # --- group commit: the syncer role --------------------------------------------------------
 
     def _sync(self) -> None:
-        """Run one fdatasync as the syncer, then pass the role on (called holding the role).
+        """Run fdatasyncs as the syncer, then pass the role on (called holding the role).
 
         One fdatasync at a time: an error reported to a concurrent fdatasync on the same file
-        could be consumed by the wrong caller, and a lost batch acknowledged."""
-        with self._lock:
-            if self._failure is not None:
-                self._pass_sync_role()
+        could be consumed by the wrong caller, and a lost batch acknowledged. While more has
+        been written meanwhile, the syncer goes on syncing (up to SYNC_ROUNDS times, so its own
+        caller is not held long): handing the role to a parked writer costs a thread wake-up,
+        which under load is much of the gap between two fdatasyncs."""
+        rounds = 0
+        while True:
+            with self._lock:
+                target = self._next_sync_target() if rounds < SYNC_ROUNDS else None
+                if target is None:
+                    self._pass_sync_role()
+                    return
+                fd = self._active.write_fd
+            assert fd is not None
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._io_threads -= 1
+                    self._poison(f"syncing {self._active.path}", exc)
+                    self._pass_sync_role()
                 return
-            if self._written_seq - self._durable_seq < self._sync_group:
-                self._gather()
-            self._io_threads += 1
-            target = self._written_seq  # everything written before the sync starts is covered
-            fd = self._active.write_fd
-        assert fd is not None
-        try:
-            os.fdatasync(fd)
-        except OSError as exc:
+            rounds += 1
             with self._lock:
                 self._io_threads -= 1
-                self._poison(f"syncing {self._active.path}", exc)
-                self._pass_sync_role()
-            return
-        with self._lock:
-            self._io_threads -= 1
-            self._fsyncs += 1
-            self._sync_group = target - self._durable_seq
-            self._mark_durable(target)
-            self._pass_sync_role()
+                self._fsyncs += 1
+                self._sync_group = target - self._durable_seq
+                wake = self._complete(target)
+            # Wake appenders only after fdatasync returned: an ack promises durability.
+            for waiter in wake:
+                waiter.release()
+
+    def _next_sync_target(self) -> int | None:
+        """The seq the next fdatasync will make durable, or None if there is no reason to sync
+        (lock held; on a target the caller holds an I/O slot until the sync is done)."""
+        pending = self._written_seq - self._durable_seq
+        if 0 < pending < self._sync_group:
+            self._gather()
+        if (
+            self._failure is not None
+            or self._roll_waiting
+            or self._written_seq == self._durable_seq
+        ):
+            return None
+        self._io_threads += 1
+        return self._written_seq  # everything written before the sync starts is covered
 
     def _gather(self) -> None:
-        """Wait (lock held, syncer role taken) up to group_commit_wait for as many records as the
-        previous fdatasync covered: the appenders it woke are on their way back, and one fsync
-        for all of them costs much less than two. At queue depth 1 the previous group was one
-        record, so this never waits there."""
-        deadline = time.monotonic() + self._group_commit_wait
+        """Wait (lock held) until as many records are written as the last fdatasync covered,
+        while they keep coming: at most group_commit_wait, and no longer than a quarter of it
+        without a new write. Under a steady load this turns two half-size fsyncs into one (the
+        appenders the last sync woke are on their way back); at queue depth 1 the last group
+        was one record, so there is no wait at all."""
+        now = time.monotonic()
+        deadline = now + self._group_commit_wait
+        idle = self._group_commit_wait / 4
+        quiet_until = now + idle
+        seen = self._written_seq
+        self._gathering = True
         while (
             self._written_seq - self._durable_seq < self._sync_group
             and self._failure is None
             and not self._closing
             and not self._roll_waiting
         ):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._written_cond.wait(remaining)
+            now = time.monotonic()
+            if self._written_seq != seen:
+                seen = self._written_seq
+                quiet_until = now + idle
+            wait = min(deadline, quiet_until) - now
+            if wait <= 0:
+                break
+            self._written_cond.wait(wait)
+        self._gathering = False
 
     def _pass_sync_role(self) -> None:
         """Give the syncer role to the oldest parked writer whose batch is not durable yet, or
@@ -577,17 +749,27 @@ class Journal:
                 if batch.grant_sync():
                     return
         self._syncing = False
-        self._written_cond.notify_all()  # a roll-over may wait for the role
-        self._state_cond.notify_all()  # so may close()
+        if self._roll_waiting:
+            self._written_cond.notify_all()  # the roll-over waits for the role
+        if self._closing:
+            self._state_cond.notify_all()  # so does close()
 
-    def _mark_durable(self, target: int) -> None:
-        """Advance durable_seq (lock held) and wake the appenders of every batch it completes."""
+    def _complete(self, target: int) -> list[LockType]:
+        """Advance durable_seq to `target` (lock held); mark the batches it completes finished
+        and return the locks that wake their appenders (for the caller to release)."""
         self._durable_seq = max(self._durable_seq, target)
+        wake: list[LockType] = []
         inflight = self._inflight
         while inflight and inflight[0].last_seq <= self._durable_seq:
-            # Wake appenders only after fdatasync returned: an ack promises durability.
-            inflight.popleft().finish()
-        self._state_cond.notify_all()
+            batch = inflight.popleft()
+            batch.finished = True
+            wake.extend(batch.waiters)
+            if batch.sync_waiter is not None:
+                wake.append(batch.sync_waiter)
+                batch.sync_waiter = None
+        if self._state_watchers:
+            self._state_cond.notify_all()
+        return wake
 
     def _roll_over(self) -> None:
         """Seal the active segment and start the next one (called by the writer)."""
@@ -633,8 +815,10 @@ class Journal:
             self._roll_requested = False
             os.close(old.write_fd)
             old.write_fd = None
-            self._mark_durable(target)
+            wake = self._complete(target)
             self._pass_sync_role()
+        for waiter in wake:
+            waiter.release()
 
     def _poison(self, what: str, exc: Exception) -> None:
         """After an I/O error nothing more is written or acknowledged (lock held)."""
@@ -737,33 +921,57 @@ class Journal:
         journal closes while waiting, JournalError after an I/O error."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._durable_seq <= seq:
-                if self._failure is not None:
-                    raise JournalError(self._failure)
-                if self._closing:
-                    raise JournalClosed(f"journal {self._path} closed while waiting")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._state_cond.wait(remaining)
+            self._state_watchers += 1  # appends notify _state_cond only when someone watches
+            try:
+                while self._durable_seq <= seq:
+                    if self._failure is not None:
+                        raise JournalError(self._failure)
+                    if self._closing:
+                        raise JournalClosed(f"journal {self._path} closed while waiting")
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self._state_cond.wait(remaining)
+            finally:
+                self._state_watchers -= 1
             return self._durable_seq
 
     # --- space --------------------------------------------------------------------------------
 
     def trim(self, upto_seq: int) -> int:
-        """Free space held by records <= upto_seq (those the peer acknowledged); return the bytes
-        freed. Whole segments are deleted, never the active one; if the active segment holds
-        only such records, the next write starts a new segment so a later trim can free it."""
+        """Free space held by records <= upto_seq (those the peer acknowledged and the volumes
+        hold); return the bytes freed. Whole segments go; when every record of the active
+        segment may go too, the journal starts a new segment (now if no append is being
+        written, else at the next write) so that it can be freed."""
         with self._lock:
             self._check_usable()
             limit = min(upto_seq, self._durable_seq)
+            active = self._active
+            roll_now = False
+            if active.size and active.end_seq - 1 <= limit:
+                if self._writer_busy:
+                    self._roll_requested = True
+                else:
+                    self._writer_busy = True  # take the writer role: no write may race the roll
+                    roll_now = True
+        if roll_now:
+            try:
+                self._roll_over()
+            except OSError as exc:
+                with self._lock:
+                    self._writer_busy = False
+                    self._poison(f"starting a segment after {active.path}", exc)
+                raise JournalError(self._failure or str(exc)) from exc
+            with self._lock:
+                if self._open_batch.entries:
+                    self._open_batch.grant_lead()  # appends queued meanwhile: let them write
+                else:
+                    self._writer_busy = False
+        with self._lock:
             removed: list[_Segment] = []
             while len(self._segments) > 1 and self._segments[0].end_seq - 1 <= limit:
                 removed.append(self._segments.pop(0))
                 self._segment_starts.pop(0)
-            active = self._active
-            if active.size and active.end_seq - 1 <= limit:
-                self._roll_requested = True
             if not removed:
                 return 0
             freed = sum(seg.size for seg in removed)
@@ -772,7 +980,7 @@ class Journal:
         try:
             for seg in removed:  # oldest first: a crash mid-trim leaves a contiguous journal
                 os.unlink(seg.path)
-            os.fsync(self._dir_fd)
+            os.fsync(self._dir_fd)  # so the space is really free after a crash, too
         finally:
             with self._lock:
                 self._io_threads -= 1
@@ -790,13 +998,15 @@ class Journal:
                     self._state_cond.wait()
                 return
             self._closing = True
+            self._state_watchers += 1  # from now on every state change notifies
             self._state_cond.notify_all()  # tailers waiting for durable_seq get JournalClosed
             self._written_cond.notify_all()  # a gathering syncer stops waiting
             # Drain: appends already accepted are written and synced, then acknowledged.
             while self._failure is None and (self._open_batch.entries or self._inflight):
                 self._state_cond.wait()
-            # No thread may be inside a syscall on an fd we close (it could be reused).
-            while self._io_threads or self._syncing:
+            # No thread may be inside a syscall on an fd we close (it could be reused). After a
+            # failure the syncer role may be left to a thread that saw its batch fail and left.
+            while self._io_threads or (self._syncing and self._failure is None):
                 self._state_cond.wait()
             for seg in self._segments:
                 if seg.write_fd is not None:
@@ -886,7 +1096,7 @@ def _recover(path: Path, dir_fd: int, group_id: int, start_seq: int) -> list[_Se
             where = f"{seg_path}: seq {bad_seq} at offset {end}"
             if number != len(found) - 1:
                 raise JournalCorrupt(f"{where}: {reason} (in a sealed segment)")
-            proof = _durability_proof(data, end + 1, bad_seq, group_id)
+            proof = _durability_proof(data, end + 1, bad_seq)
             if proof is not None:
                 raise JournalCorrupt(
                     f"{where}: {reason}; record seq {proof.seq} at a later offset has "
@@ -920,14 +1130,19 @@ def _scan(
         if record.seq != seq:
             return offsets, pos, (seq, f"found seq {record.seq} instead (sequence gap)")
         if record.group_id != group_id:
-            return offsets, pos, (seq, f"record belongs to group {record.group_id}")
+            # A whole, checksummed record of another group is no torn write: refuse to open
+            # (and so to cut) what is probably another group's journal.
+            raise JournalCorrupt(
+                f"record seq {record.seq} at offset {pos} belongs to group {record.group_id}, "
+                f"this journal is group {group_id}"
+            )
         offsets.append(pos)
         pos += record.encoded_size
         seq += 1
     return offsets, pos, None
 
 
-def _durability_proof(data: bytes, start: int, bad_seq: int, group_id: int) -> Record | None:
+def _durability_proof(data: bytes, start: int, bad_seq: int) -> Record | None:
     """A valid record after `start` whose commit_floor shows `bad_seq` had been durable."""
     pos = data.find(MAGIC, start)
     while pos >= 0:
@@ -935,7 +1150,7 @@ def _durability_proof(data: bytes, start: int, bad_seq: int, group_id: int) -> R
             record = decode_at(data, pos)
         except JournalCorrupt:
             record = None
-        if record is not None and record.group_id == group_id and record.commit_floor >= bad_seq:
+        if record is not None and record.commit_floor >= bad_seq:
             return record
         pos = data.find(MAGIC, pos + 1)
     return None

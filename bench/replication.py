@@ -1,0 +1,317 @@
+"""Replication benchmark: two sites in one process, talking gRPC over 127.0.0.1.
+
+    python -m targetd_repl_bench.replication [--quick] [--dir DIR]
+
+Prints one JSON object:
+  ship_vs_tcp: journal shipping throughput between two managers (state on tmpfs /dev/shm when
+      present) divided by a raw loopback TCP copy of the same number of bytes, measured in the
+      same run (goal >= 0.5). The backlog is written while the pair is suspended, then the
+      resume ships it: time from resume to the last acknowledgement.
+  async_on_vs_off: write throughput through StorageEngine.write (the I/O entry point the TCMU
+      handler and `io write` share) with an async pair, divided by the same load with no pair
+      (goal >= 0.9).
+  lag_p99_ms: replication lag (a write's acknowledgement at the primary to the peer's durable
+      receipt acknowledged back) at half the maximum write rate, 99th percentile (goal <= 100).
+  sync_latency_vs_async: median latency of one writer, sync pair over async pair.
+The absolute figures (MB/s, writes/s, ms) are printed beside the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from targetd_repl.model import PairMode, PairState
+from targetd_repl.replication.channel import add_port, server_options
+from targetd_repl.replication.manager import PairStatus, ReplicationManager
+from targetd_repl.replication.settings import ReplicationSettings
+from targetd_repl.storage.engine import StorageEngine
+from targetd_repl.storage.group_store import GroupSettings
+from targetd_repl.v1 import replication_pb2_grpc
+
+VOLUME_SIZE = 256 << 20
+STORAGE = GroupSettings(journal_size_limit=2 << 30, journal_segment_size=64 << 20)
+SETTINGS = ReplicationSettings()
+
+
+class _Site:
+    def __init__(self, path: Path, name: str) -> None:
+        self.engine = StorageEngine.open(path, site=name, settings=STORAGE)
+        self.manager = ReplicationManager(self.engine, name, {}, None, SETTINGS)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8), options=server_options()
+        )
+        register: Callable[[object, grpc.Server], None] = (
+            replication_pb2_grpc.add_ReplicationServicer_to_server
+        )
+        register(self.manager.servicer(), self.server)
+        self.port = add_port(self.server, "127.0.0.1:0", None)
+        self.server.start()
+        self.manager.start()
+
+    def close(self) -> None:
+        self.manager.stop()
+        self.server.stop(grace=None).wait()
+        self.engine.close()
+
+
+def _serve(path: Path, name: str) -> None:
+    """The secondary controller of the benchmark, in its own process (as in production, the
+    two sites do not share an interpreter): print the port, serve until stdin closes."""
+    site = _Site(path, name)
+    print(site.port, flush=True)
+    sys.stdin.read()
+    site.close()
+
+
+@contextmanager
+def _sites(base: Path, mode: PairMode | None) -> Iterator[_Site]:
+    """Site A here and site B in a child process, a group `g` with volume `v` at A, paired in
+    `mode` (None: no pair). Yields site A."""
+    work = Path(tempfile.mkdtemp(prefix="bench-repl-", dir=base))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "targetd_repl_bench.replication", "--serve", str(work / "b")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    a = _Site(work / "a", "site-a")
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        a.manager.set_peer_address("site-b", f"127.0.0.1:{port}")
+        a.engine.create_group("g")
+        a.engine.create_volume("v", VOLUME_SIZE, group="g")
+        if mode is not None:
+            a.manager.create_pair("g", "site-b", mode)
+            _wait(a, lambda s: s.state is PairState.PAIRED, 120)
+        yield a
+    finally:
+        a.close()
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait(site: _Site, predicate: object, timeout: float) -> PairStatus:
+    assert callable(predicate)
+    return site.manager.wait_for("g", predicate, timeout)
+
+
+def _tmpfs() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+# --- ship_vs_tcp ------------------------------------------------------------------------------
+
+
+def _ship(base: Path, total: int, record: int) -> tuple[float, int]:
+    """Seconds to ship a backlog of `total` bytes in `record`-byte writes, and bytes shipped."""
+    with _sites(base, PairMode.ASYNC) as a:
+        a.manager.suspend("g")
+        store = a.engine.group("g")
+        data = random.Random(1).randbytes(record)
+        blocks = VOLUME_SIZE // 512
+        per = record // 512
+        first = store.journal.next_seq
+        count = total // record
+        lock = threading.Lock()
+        position = [0]
+
+        def writer() -> None:
+            while True:
+                with lock:
+                    i = position[0]
+                    position[0] += 1
+                if i >= count:
+                    return
+                a.engine.write("v", (i * per) % blocks, data)
+
+        threads = [threading.Thread(target=writer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        last = store.journal.durable_seq
+        shipped = (last - first + 1) * (record + 64)
+        started = time.perf_counter()
+        a.manager.resume("g")
+        _wait(a, lambda s: s.acked_seq >= last, 300)
+        return time.perf_counter() - started, shipped
+
+
+def _tcp_copy(total: int, chunk: int = 1 << 20) -> float:
+    """Seconds to copy `total` bytes over a loopback TCP connection (sendall / recv_into)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    payload = random.Random(2).randbytes(chunk)
+    received = [0]
+
+    def sink() -> None:
+        conn, _ = listener.accept()
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        with conn:
+            while True:
+                n = conn.recv_into(view)
+                if not n:
+                    return
+                received[0] += n
+
+    thread = threading.Thread(target=sink)
+    thread.start()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as out:
+        sent = 0
+        while sent < total:
+            out.sendall(payload)
+            sent += chunk
+        out.shutdown(socket.SHUT_WR)
+        thread.join()
+    elapsed = time.perf_counter() - started
+    listener.close()
+    return elapsed
+
+
+# --- write throughput and latency ---------------------------------------------------------------
+
+
+def _load(a: _Site, seconds: float, threads: int, size: int) -> float:
+    """Writes per second through engine.write from `threads` writers for `seconds`."""
+    data = random.Random(3).randbytes(size)
+    blocks = VOLUME_SIZE // 512 - size // 512
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def writer(n: int) -> None:
+        rng = random.Random(n)
+        while time.perf_counter() < stop:
+            a.engine.write("v", rng.randrange(0, blocks) & ~7, data)
+            counts[n] += 1
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def _lag(a: _Site, rate: float, seconds: float, size: int) -> list[float]:
+    """Writes paced at `rate` per second; for each, seconds from its local ack to the peer's
+    acknowledgement reaching the primary."""
+    runner = a.manager.primary_runner("g")
+    done: dict[int, float] = {}
+    acked_at: list[tuple[int, float]] = []
+
+    def on_ack(acked: int, _applied: int) -> None:
+        acked_at.append((acked, time.perf_counter()))
+
+    runner.on_ack = on_ack
+    data = random.Random(4).randbytes(size)
+    blocks = VOLUME_SIZE // 512 - size // 512
+    rng = random.Random(5)
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    n = 0
+    while time.perf_counter() - start < seconds:
+        target = start + n * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        seq = a.engine.write("v", rng.randrange(0, blocks) & ~7, data)
+        done[seq] = time.perf_counter()
+        n += 1
+    last = max(done)
+    _wait(a, lambda s: s.acked_seq >= last, 60)
+    runner.on_ack = None
+    lags: list[float] = []
+    pending = sorted(done.items())
+    i = 0
+    for acked, when in acked_at:
+        while i < len(pending) and pending[i][0] <= acked:
+            lags.append(max(0.0, when - pending[i][1]))
+            i += 1
+    return lags
+
+
+def _latency(a: _Site, count: int, size: int) -> float:
+    data = random.Random(6).randbytes(size)
+    samples = []
+    for i in range(count):
+        started = time.perf_counter()
+        a.engine.write("v", (i * 8) % (VOLUME_SIZE // 512 - 8), data)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else 0.0
+
+
+def run(quick: bool = False, directory: Path | None = None) -> dict[str, float | int | str]:
+    tmpfs = _tmpfs()
+    disk = directory or Path(tempfile.gettempdir())
+    total = (32 if quick else 256) << 20
+    seconds = 1.5 if quick else 5.0
+    result: dict[str, float | int | str] = {"replication_quick": int(quick)}
+
+    ship_s, shipped = _ship(tmpfs, total, 64 << 10)
+    tcp_s = _tcp_copy(shipped)
+    result["ship_mb_s"] = shipped / ship_s / 1e6
+    result["tcp_mb_s"] = shipped / tcp_s / 1e6
+    result["ship_vs_tcp"] = tcp_s / ship_s
+
+    with _sites(disk, None) as a:
+        off = _load(a, seconds, 8, 4096)
+    with _sites(disk, PairMode.ASYNC) as a:
+        on = _load(a, seconds, 8, 4096)
+        result["writes_s_no_pair"] = off
+        result["writes_s_async"] = on
+        result["async_on_vs_off"] = on / off
+        lags = _lag(a, max(on / 2, 1.0), seconds, 4096)
+        result["lag_p50_ms"] = _percentile(lags, 0.5) * 1e3
+        result["lag_p99_ms"] = _percentile(lags, 0.99) * 1e3
+        async_latency = _latency(a, 200 if quick else 1000, 4096)
+    with _sites(disk, PairMode.SYNC) as a:
+        sync_latency = _latency(a, 200 if quick else 1000, 4096)
+    result["latency_ms_async"] = async_latency * 1e3
+    result["latency_ms_sync"] = sync_latency * 1e3
+    result["sync_latency_vs_async"] = sync_latency / async_latency
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
+    parser.add_argument("--dir", type=Path, help="where the write-path sites live (a disk)")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # the child site
+    args = parser.parse_args()
+    if args.serve is not None:
+        _serve(args.serve, "site-b")
+        return
+    print(json.dumps(run(quick=args.quick, directory=args.dir), sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
