@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -38,10 +37,7 @@ def compile_protos() -> None:
         raise SystemExit("protoc failed on " + ", ".join(p.name for p in protos))
 
 
-class BuildWithProtos(build_py):
-    def run(self) -> None:
-        compile_protos()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildWithProtos})
+# Compile before setup(): egg_info (run first by pip, even for editable installs) must already
+# find the targetd_repl.v1 package that pyproject.toml lists.
+compile_protos()
+setup()
