@@ -64,7 +64,7 @@ from targetd_repl.storage.journal_record import (
     payload_size,
 )
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "Journal", "segment_name"]
+__all__ = ["DEFAULT_GROUP_COMMIT_WAIT", "DEFAULT_SEGMENT_SIZE", "Journal", "segment_name"]
 
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 # How long an fdatasync may wait for more appends to share it (see Journal._gather).
@@ -467,6 +467,7 @@ class Journal:
             waiter.acquire()
         if not batch.finished:
             self._lead(batch)
+        self._wait_finished(batch)
         if batch.error is not None:
             raise JournalError(batch.error)
         return last
@@ -505,9 +506,22 @@ class Journal:
             waiter.acquire()  # released when the batch is finished, or handed to us to write
         if not batch.finished:
             self._lead(batch)
+        self._wait_finished(batch)
         if batch.error is not None:
             raise JournalError(batch.error)
         return seq
+
+    def _wait_finished(self, batch: _Batch) -> None:
+        """Block until `batch` is durable or failed: the one place that decides an ack. A writer
+        can leave its roles before its batch is synced (a roll-over took the syncer role); it
+        then waits here like any appender for the sync that covers it."""
+        with self._lock:
+            if batch.finished:
+                return
+            waiter = allocate_lock()
+            waiter.acquire()
+            batch.waiters.append(waiter)
+        waiter.acquire()
 
     # --- group commit: the writer role --------------------------------------------------------
 
@@ -542,7 +556,7 @@ class Journal:
                     self._writer_busy = False
                     self._state_cond.notify_all()
                     return
-                if batch.finished:  # durable already (a roll-over inside the write synced it)
+                if current.finished:  # durable already (a roll-over inside the write synced it)
                     self._release_writer_role()
                     return
                 if not self._syncing:
@@ -559,11 +573,11 @@ class Journal:
                 self._release_writer_role()
                 parked = allocate_lock()
                 parked.acquire()
-                batch.sync_waiter = parked
+                current.sync_waiter = parked
                 break
         if parked is not None:
             parked.acquire()
-            if batch.finished:
+            if current.finished:
                 return
         self._sync()
 
@@ -1090,7 +1104,7 @@ def _recover(path: Path, dir_fd: int, group_id: int, start_seq: int) -> list[_Se
                 f"segment is {seg_path.name}: records are missing"
             )
         data = seg_path.read_bytes()
-        offsets, end, failure = _scan(data, first_seq, group_id)
+        offsets, end, failure = _scan(seg_path, data, first_seq, group_id)
         if failure is not None:
             bad_seq, reason = failure
             where = f"{seg_path}: seq {bad_seq} at offset {end}"
@@ -1114,7 +1128,7 @@ def _recover(path: Path, dir_fd: int, group_id: int, start_seq: int) -> list[_Se
 
 
 def _scan(
-    data: bytes, first_seq: int, group_id: int
+    path: Path, data: bytes, first_seq: int, group_id: int
 ) -> tuple[array[int], int, tuple[int, str] | None]:
     """Walk the records of one segment. Returns their offsets, the end of the valid prefix and,
     if a record fails, (the seq expected there, why it failed)."""
@@ -1127,15 +1141,15 @@ def _scan(
             record = decode_at(data, pos)
         except JournalCorrupt as exc:
             return offsets, pos, (seq, str(exc))
-        if record.seq != seq:
-            return offsets, pos, (seq, f"found seq {record.seq} instead (sequence gap)")
         if record.group_id != group_id:
             # A whole, checksummed record of another group is no torn write: refuse to open
             # (and so to cut) what is probably another group's journal.
             raise JournalCorrupt(
-                f"record seq {record.seq} at offset {pos} belongs to group {record.group_id}, "
-                f"this journal is group {group_id}"
+                f"{path}: record seq {record.seq} at offset {pos} belongs to group "
+                f"{record.group_id}, this journal is group {group_id}"
             )
+        if record.seq != seq:
+            return offsets, pos, (seq, f"found seq {record.seq} instead (sequence gap)")
         offsets.append(pos)
         pos += record.encoded_size
         seq += 1
