@@ -42,6 +42,7 @@ BENCHES: dict[str, tuple[str, ...]] = {
     "journal": ("journal", "snapshot"),
     "datapath": ("datapath",),
     "replication": ("replication",),
+    "roles": ("roles",),
 }
 
 
@@ -105,6 +106,34 @@ def sites_arg(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"a site is named twice in {text!r}")
     return names
+
+
+def source_extent_arg(text: str) -> tuple[str, int, int]:
+    """VOLUME or VOLUME:OFFSET+LENGTH (sizes with K/M/G/T); LENGTH 0 means to the end."""
+    name, _, extent = text.partition(":")
+    try:
+        check_name("volume", name)
+    except InvalidArgument as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not extent:
+        return name, 0, 0
+    offset, plus, length = extent.partition("+")
+    if not plus:
+        raise argparse.ArgumentTypeError(f"invalid extent {text!r}: use VOLUME:OFFSET+LENGTH")
+    return name, offset_arg(offset), size_arg(length)
+
+
+def target_extent_arg(text: str) -> tuple[str, str, int]:
+    """SITE:VOLUME or SITE:VOLUME:OFFSET."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"invalid target {text!r}: use SITE:VOLUME[:OFFSET]")
+    try:
+        check_name("site", parts[0])
+        check_name("volume", parts[1])
+    except InvalidArgument as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return parts[0], parts[1], offset_arg(parts[2]) if len(parts) == 3 else 0
 
 
 # --- connecting -----------------------------------------------------------------------------------
@@ -349,6 +378,88 @@ def build_parser() -> Parser:
     p.add_argument("name", metavar="SITE")
     p.add_argument("peer_address", type=address_arg, metavar="HOST:PORT")
 
+    # snapshots
+    snapshot = top.add_parser("snapshot", help="create, list, delete, roll back snapshots")
+    ncmd = snapshot.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=Parser
+    )
+    p = _add(ncmd, "create", "snapshot a volume now", commands.snapshot_create, site)
+    p.add_argument("volume")
+    p.add_argument("name")
+    p = _add(ncmd, "list", "list snapshots (of one VOLUME, or all)", commands.snapshot_list, site)
+    p.add_argument("volume", nargs="?")
+    p = _add(ncmd, "delete", "delete a snapshot", commands.snapshot_delete, site)
+    p.add_argument("volume")
+    p.add_argument("name")
+    p.add_argument(
+        "--force", action="store_true", help="also a snapshot a role change made (it keeps data)"
+    )
+    p = _add(ncmd, "rollback", "roll a volume back to a snapshot", commands.snapshot_rollback, site)
+    p.add_argument("volume")
+    p.add_argument("name")
+
+    # role changes
+    for name, handler, help_ in (
+        (
+            "failover",
+            commands.failover,
+            "promote this site (the secondary) when the primary is gone",
+        ),
+        (
+            "failback",
+            commands.failback,
+            "after a failover: resync the returning old primary (only what differs) as secondary",
+        ),
+        (
+            "switchover",
+            commands.switchover,
+            "planned: make this site (the secondary) primary now, whatever the backlog",
+        ),
+        (
+            "resolve",
+            commands.resolve,
+            "after a split-brain: keep one site's data, save and resync the other's",
+        ),
+    ):
+        p = _add(top, name, help_, handler, site)
+        p.add_argument("group")
+        if name == "failover":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="also while the primary answers (it is fenced when it next connects)",
+            )
+        if name == "resolve":
+            p.add_argument("--survivor", required=True, metavar="SITE", help="the site to keep")
+        p.add_argument("--no-wait", action="store_true", help="return once started; do not follow")
+        p.add_argument(
+            "--wait-timeout",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="stop following after this long (exit 1; the role change goes on)",
+        )
+        p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
+    role = top.add_parser("role", help="the role change of a group at this site")
+    rcmd = role.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=Parser)
+    p = _add(rcmd, "status", "the role change running or last run", commands.role_status, site)
+    p.add_argument("group")
+
+    p = _add(
+        top,
+        "copy",
+        "copy an extent of a volume to a volume at another site, in one command",
+        commands.copy,
+        site,
+    )
+    p.add_argument("source", type=source_extent_arg, metavar="VOLUME[:OFFSET+LENGTH]")
+    p.add_argument("target", type=target_extent_arg, metavar="SITE:VOLUME[:OFFSET]")
+    p.add_argument(
+        "--via",
+        metavar="INTERMEDIATE",
+        help="a volume at the target site to copy into first; then only the extent changes",
+    )
+
     # local commands
     serve = top.add_parser("serve", help="run this site's controller")
     serve.add_argument("--config", required=True, metavar="FILE", help="the site's TOML file")
@@ -380,6 +491,8 @@ def _check(parser: Parser, args: argparse.Namespace) -> None:
             parser.exit(2, f"{PROG} pair status: --interval must be positive\n")
         if args.wait_timeout and not args.until:
             parser.exit(2, f"{PROG} pair status: --wait-timeout goes with --until\n")
+    if args.command in ("failover", "failback", "switchover", "resolve") and args.interval <= 0:
+        parser.exit(2, f"{PROG} {args.command}: --interval must be positive\n")
     if getattr(args, "timeout", 1.0) <= 0:
         parser.exit(2, f"{PROG}: --timeout must be positive\n")
 

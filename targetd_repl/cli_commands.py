@@ -263,3 +263,145 @@ def site_set_peer(args: argparse.Namespace, client: ControlClient) -> int:
     else:
         print(f"peer {peer.name} is at {peer.address}")
     return 0
+
+
+# --- snapshots ------------------------------------------------------------------------------------
+
+
+def snapshot_create(args: argparse.Namespace, client: ControlClient) -> int:
+    snap = client.create_snapshot(args.volume, args.name)
+    if args.json:
+        out.print_json(out.snapshot_doc(snap))
+    else:
+        print(f"snapshot {snap.name} of volume {snap.volume} created (seq {snap.seq})")
+    return 0
+
+
+def snapshot_list(args: argparse.Namespace, client: ControlClient) -> int:
+    snaps = client.list_snapshots(args.volume or "")
+    if args.json:
+        out.print_json([out.snapshot_doc(s) for s in snaps])
+    else:
+        out.print_snapshots(snaps)
+    return 0
+
+
+def snapshot_delete(args: argparse.Namespace, client: ControlClient) -> int:
+    client.delete_snapshot(args.volume, args.name, force=args.force)
+    if args.json:
+        out.print_json({"deleted": args.name, "volume": args.volume})
+    else:
+        print(f"snapshot {args.name} of volume {args.volume} deleted")
+    return 0
+
+
+def snapshot_rollback(args: argparse.Namespace, client: ControlClient) -> int:
+    reply = client.rollback_snapshot(args.volume, args.name)
+    if args.json:
+        out.print_json(
+            {
+                "volume": args.volume,
+                "snapshot": args.name,
+                "regions": reply.regions,
+                "bytes": reply.bytes,
+            }
+        )
+    else:
+        print(
+            f"volume {args.volume} rolled back to snapshot {args.name}: "
+            f"{reply.regions} regions ({out.human_size(reply.bytes)})"
+        )
+    return 0
+
+
+# --- role changes ---------------------------------------------------------------------------------
+
+
+def _follow(args: argparse.Namespace, client: ControlClient, first: control_pb2.RoleChange) -> int:
+    """Show a role change until it is no longer running (or --no-wait): a progress bar, then the
+    result; exit 1 when it failed or --wait-timeout passed."""
+    reply = first
+    if not args.no_wait and reply.phase == "running":
+        deadline = time.monotonic() + args.wait_timeout if args.wait_timeout else None
+        show = not args.json and sys.stderr.isatty()
+        progress = out.RoleProgress(reply.command or args.command) if show else None
+        try:
+            if progress is not None:
+                progress.__enter__()
+            while reply.phase == "running":
+                if progress is not None:
+                    progress.update(reply.step, reply.done_bytes, reply.total_bytes)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise CommandError(
+                        f"{reply.command} of group {reply.group} still running after "
+                        f"{args.wait_timeout:g} s (step {reply.step}); run it again to follow"
+                    )
+                time.sleep(args.interval)
+                reply = client.role_status(reply.group)
+        finally:
+            if progress is not None:
+                progress.__exit__(None, None, None)
+    if args.json:
+        out.print_json(out.role_change_doc(reply))
+    else:
+        out.print_role_change(reply)
+    if reply.phase == "failed":
+        raise CommandError(f"{reply.command} of group {reply.group} failed: {reply.detail}")
+    return 0
+
+
+def failover(args: argparse.Namespace, client: ControlClient) -> int:
+    return _follow(args, client, client.failover(args.group, force=args.force))
+
+
+def failback(args: argparse.Namespace, client: ControlClient) -> int:
+    return _follow(args, client, client.failback(args.group))
+
+
+def switchover(args: argparse.Namespace, client: ControlClient) -> int:
+    return _follow(args, client, client.switchover(args.group))
+
+
+def resolve(args: argparse.Namespace, client: ControlClient) -> int:
+    return _follow(args, client, client.resolve(args.group, args.survivor))
+
+
+def role_status(args: argparse.Namespace, client: ControlClient) -> int:
+    reply = client.role_status(args.group)
+    if args.json:
+        out.print_json(out.role_change_doc(reply))
+    else:
+        out.print_role_change(reply)
+    return 0
+
+
+def copy(args: argparse.Namespace, client: ControlClient) -> int:
+    volume, offset, length = args.source
+    site, target, target_offset = args.target
+    show = not args.json and sys.stderr.isatty()
+    progress = out.RoleProgress("copy") if show else None
+    last: control_pb2.CopyProgress | None = None
+    try:
+        if progress is not None:
+            progress.__enter__()
+        for reply in client.copy(
+            volume, offset, length, site, target, target_offset, args.via or "", timeout=None
+        ):
+            last = reply
+            if progress is not None:
+                progress.update(reply.step, reply.done_bytes, reply.total_bytes)
+    finally:
+        if progress is not None:
+            progress.__exit__(None, None, None)
+    if last is None or not last.done:
+        raise CommandError("copy ended without a result")
+    if args.json:
+        out.print_json(out.copy_doc(last))
+    else:
+        print(
+            f"copied {out.human_size(last.done_bytes)} of {volume} to {site}:{target} at "
+            f"{target_offset}{' via ' + args.via if args.via else ''} in {last.seconds:.2f} s, "
+            f"sha256 {last.sha256}"
+        )
+        print(f"  {last.detail}")
+    return 0

@@ -269,3 +269,135 @@ class PairWatch:
             else:
                 self._progress.update(task, total=total, completed=done, **fields)
         self._progress.refresh()
+
+
+# --- snapshots and role changes -------------------------------------------------------------------
+
+
+def snapshot_doc(s: control_pb2.Snapshot) -> Document:
+    return {
+        "volume": s.volume,
+        "name": s.name,
+        "kind": s.kind,
+        "created_at": s.created_at,
+        "epoch": s.epoch,
+        "seq": s.seq,
+        "size_bytes": s.size_bytes,
+        "preserved_bytes": s.preserved_bytes,
+    }
+
+
+def print_snapshots(snapshots: Sequence[control_pb2.Snapshot]) -> None:
+    if not snapshots:
+        print("no snapshots")
+        return
+    rows = [
+        (
+            s.volume,
+            s.name,
+            s.kind,
+            str(s.epoch),
+            str(s.seq),
+            human_size(s.preserved_bytes),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
+        )
+        for s in snapshots
+    ]
+    columns = ("VOLUME", "NAME", "KIND", "EPOCH", "SEQ", "KEPT", "CREATED")
+    _console().print(_table("", columns, rows))
+
+
+def role_change_doc(r: control_pb2.RoleChange) -> Document:
+    doc: Document = {
+        "group": r.group,
+        "command": r.command,
+        "phase": r.phase,
+        "step": r.step,
+        "done_bytes": r.done_bytes,
+        "total_bytes": r.total_bytes,
+        "elapsed_seconds": r.elapsed_seconds,
+        "detail": r.detail,
+        "epoch": r.epoch,
+        "snapshot": r.snapshot,
+        "seq": r.seq,
+        "regions": r.regions,
+        "promoted_seconds": r.promoted_seconds,
+    }
+    doc["pair"] = pair_doc(r.pair) if r.HasField("pair") else None
+    return doc
+
+
+def print_role_change(r: control_pb2.RoleChange) -> None:
+    doc = role_change_doc(r)
+    table = Table(show_header=False, show_edge=False, pad_edge=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("group", "command", "phase", "step", "epoch", "seq", "snapshot", "regions"):
+        value = doc[key]
+        table.add_row(key, str(value) if value not in ("", 0) else "-")
+    if r.total_bytes:
+        table.add_row("copied", f"{human_size(r.done_bytes)} of {human_size(r.total_bytes)}")
+    if r.promoted_seconds:
+        table.add_row("writable after", f"{r.promoted_seconds:.3f} s")
+    table.add_row("elapsed", f"{r.elapsed_seconds:.1f} s")
+    if r.HasField("pair"):
+        p = pair_doc(r.pair)
+        table.add_row(
+            "pair", f"{p['state']}, {p['role']} here, peer {p['peer']}, epoch {p['epoch']}"
+        )
+    if r.detail:
+        table.add_row("detail", r.detail)
+    _console().print(table)
+
+
+class RoleProgress:
+    """A progress bar for a running role change (on stderr, so stdout stays the result)."""
+
+    def __init__(self, what: str) -> None:
+        self._progress = Progress(
+            TextColumn("{task.fields[what]:<12} {task.fields[step]:<28}"),
+            BarColumn(),
+            TextColumn("{task.fields[copied]}"),
+            console=Console(file=sys.stderr),
+            auto_refresh=False,
+            transient=True,
+        )
+        self._what = what
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> RoleProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, step: str, done: int, total: int) -> None:
+        copied = f"{human_size(done)} of {human_size(total)}" if total else ""
+        if self._task is None:
+            self._task = self._progress.add_task(
+                self._what, total=total or 1, what=self._what, step=step[:28], copied=copied
+            )
+        self._progress.update(
+            self._task,
+            total=total or 1,
+            completed=done if total else 0,
+            what=self._what,
+            step=step[:28],
+            copied=copied,
+        )
+        self._progress.refresh()
+
+
+def copy_doc(p: control_pb2.CopyProgress) -> Document:
+    return {
+        "step": p.step,
+        "done": p.done,
+        "bytes": p.done_bytes,
+        "total_bytes": p.total_bytes,
+        "sha256": p.sha256,
+        "target_sha256": p.target_sha256,
+        "seconds": p.seconds,
+        "snapshot": p.snapshot,
+        "detail": p.detail,
+    }

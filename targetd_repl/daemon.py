@@ -50,6 +50,7 @@ from targetd_repl.errors import TargetdReplError
 from targetd_repl.replication.channel import TlsFiles, server_credentials, server_options
 from targetd_repl.replication.manager import PeerSite, ReplicationManager
 from targetd_repl.replication.settings import ReplicationSettings
+from targetd_repl.roles.manager import RoleManager
 from targetd_repl.storage.engine import StorageEngine
 from targetd_repl.storage.fileutil import atomic_write
 from targetd_repl.storage.group_store import GroupSettings
@@ -243,8 +244,14 @@ class Controller:
             tls,
             replication_settings(s),
         )
+        # roles/: role changes. Recovery before replication starts (a finished failover's epoch,
+        # the changed bitmap, a switchover's copy-on-read); background work after it.
+        roles = RoleManager(engine, manager, s.name, tls)
+        roles.start()
         manager.start()
         self._stack.callback(manager.stop)
+        roles.resume()
+        self._stack.callback(roles.stop)
 
         # Replication: TCP with mutual TLS.
         replication = grpc.server(
@@ -255,6 +262,7 @@ class Controller:
             svc.full_name for svc in replication_pb2.DESCRIPTOR.services_by_name.values()
         )
         replication_pb2_grpc.add_ReplicationServicer_to_server(manager.servicer(), replication)
+        replication_pb2_grpc.add_RolePeerServicer_to_server(roles.servicer(), replication)
         repl_health = _health(replication, repl_services)
         host, _ = parse_address(s.replication_listen, allow_port_zero=True)
         port = _bind(replication, s.replication_listen, server_credentials(tls))
@@ -283,6 +291,7 @@ class Controller:
             site=s.name,
             endpoints=endpoints,
             peers={p.name: p.address for p in s.peers.values()},
+            roles=roles,
         )
         control_services = control_servicer.add_to_server(service, control)
         control_health = _health(control, control_services)

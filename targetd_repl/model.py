@@ -48,6 +48,9 @@ class SnapshotKind(enum.StrEnum):
     ROLLBACK_SAVE = "rollback-save"  # writes rolled back at failback, kept, never destroyed
     SPLIT_BRAIN_LOSER = "split-brain-loser"  # the loser's divergent data after resolve
     EXTENT_COPY = "extent-copy"  # the source extent of a one-command copy (seed 002)
+    # roles/: the source image of a failback or resolve bulk copy (the "second snapshot" of seed
+    # 001 claim 8), taken when the copy starts and deleted when it completes
+    RESYNC_SOURCE = "resync-source"
 
 
 class RecordKind(enum.IntEnum):
@@ -91,6 +94,12 @@ class PairInfo:
     state: PairState
     updated_at: float
     detail: str = ""  # the last error or note that came with the state (free-form)
+    # roles/ (handshake fields a site must remember across restarts, migration 4):
+    # a new primary whose switchover has not finished draining: the first seq of the previous
+    # generation it still lacks (HandshakeView.backlog_from_seq)
+    backlog_from_seq: int | None = None
+    # an admin's pending `resolve --survivor SITE`, kept until the copy it starts completes
+    survivor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,8 @@ class ControlClient:
         self._pairs: Any = control_pb2_grpc.PairsStub(self._channel)
         self._io: Any = control_pb2_grpc.IoStub(self._channel)
         self._site: Any = control_pb2_grpc.SiteStub(self._channel)
+        self._snapshots: Any = control_pb2_grpc.SnapshotsStub(self._channel)
+        self._roles: Any = control_pb2_grpc.RolesStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     @classmethod
@@ -236,6 +238,78 @@ class ControlClient:
     def set_peer_address(self, name: str, address: str) -> control_pb2.Peer:
         request = control_pb2.SetPeerAddressRequest(name=name, address=address)
         return self._call(self._site.SetPeerAddress, request, control_pb2.Peer)
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def create_snapshot(self, volume: str, name: str) -> control_pb2.Snapshot:
+        request = control_pb2.CreateSnapshotRequest(volume=volume, name=name)
+        return self._call(self._snapshots.Create, request, control_pb2.Snapshot)
+
+    def list_snapshots(self, volume: str = "") -> list[control_pb2.Snapshot]:
+        reply = self._call(
+            self._snapshots.List,
+            control_pb2.ListSnapshotsRequest(volume=volume),
+            control_pb2.ListSnapshotsResponse,
+        )
+        return list(reply.snapshots)
+
+    def delete_snapshot(self, volume: str, name: str, *, force: bool = False) -> None:
+        request = control_pb2.DeleteSnapshotRequest(volume=volume, name=name, force=force)
+        self._call(self._snapshots.Delete, request, control_pb2.DeleteSnapshotResponse)
+
+    def rollback_snapshot(self, volume: str, name: str) -> control_pb2.RollbackSnapshotResponse:
+        request = control_pb2.RollbackSnapshotRequest(volume=volume, name=name)
+        return self._call(self._snapshots.Rollback, request, control_pb2.RollbackSnapshotResponse)
+
+    # --- role changes --------------------------------------------------------------------------
+
+    def failover(self, group: str, *, force: bool = False) -> control_pb2.RoleChange:
+        request = control_pb2.FailoverRequest(group=group, force=force)
+        return self._call(self._roles.Failover, request, control_pb2.RoleChange)
+
+    def failback(self, group: str) -> control_pb2.RoleChange:
+        request = control_pb2.RoleRequest(group=group)
+        return self._call(self._roles.Failback, request, control_pb2.RoleChange)
+
+    def switchover(self, group: str) -> control_pb2.RoleChange:
+        request = control_pb2.RoleRequest(group=group)
+        return self._call(self._roles.Switchover, request, control_pb2.RoleChange)
+
+    def resolve(self, group: str, survivor: str) -> control_pb2.RoleChange:
+        request = control_pb2.ResolveRequest(group=group, survivor=survivor)
+        return self._call(self._roles.Resolve, request, control_pb2.RoleChange)
+
+    def role_status(self, group: str) -> control_pb2.RoleChange:
+        request = control_pb2.RoleRequest(group=group)
+        return self._call(self._roles.Status, request, control_pb2.RoleChange)
+
+    def copy(
+        self,
+        volume: str,
+        offset: int,
+        length: int,
+        site: str,
+        target_volume: str,
+        target_offset: int,
+        via: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[control_pb2.CopyProgress]:
+        """The extent copy's progress reports; the last one has `done`. `timeout` bounds the
+        whole copy (default: none beyond the site's own)."""
+        request = control_pb2.CopyRequest(
+            volume=volume,
+            offset=offset,
+            length=length,
+            site=site,
+            target_volume=target_volume,
+            target_offset=target_offset,
+            via=via,
+        )
+        try:
+            yield from self._roles.Copy(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
 
 
 def _chunks(offset: int, data: memoryview) -> Iterator[tuple[int, memoryview]]:

@@ -8,7 +8,7 @@ each; an unexpected exception is INTERNAL with its traceback logged). No decisio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -23,7 +23,7 @@ T = TypeVar("T")
 # The services of control.proto, by full name (for the health service).
 SERVICE_NAMES = tuple(
     control_pb2.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("Volumes", "Groups", "Pairs", "Io", "Site")
+    for name in ("Volumes", "Groups", "Pairs", "Io", "Site", "Snapshots", "Roles")
 )
 
 
@@ -205,6 +205,120 @@ class SiteServicer(control_pb2_grpc.SiteServicer):
         return control_pb2.Peer(name=name, address=address)
 
 
+class SnapshotsServicer(control_pb2_grpc.SnapshotsServicer):
+    def __init__(self, service: ControlService) -> None:
+        self._service = service
+
+    def Create(
+        self, request: control_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> control_pb2.Snapshot:
+        view = _serve(
+            context,
+            "Snapshots.Create",
+            lambda: self._service.create_snapshot(request.volume, request.name),
+        )
+        return convert.snapshot_to_pb(view)
+
+    def List(
+        self, request: control_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> control_pb2.ListSnapshotsResponse:
+        views = _serve(
+            context,
+            "Snapshots.List",
+            lambda: self._service.list_snapshots(_optional(request.volume)),
+        )
+        return control_pb2.ListSnapshotsResponse(
+            snapshots=[convert.snapshot_to_pb(v) for v in views]
+        )
+
+    def Delete(
+        self, request: control_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> control_pb2.DeleteSnapshotResponse:
+        _serve(
+            context,
+            "Snapshots.Delete",
+            lambda: self._service.delete_snapshot(
+                request.volume, request.name, force=request.force
+            ),
+        )
+        return control_pb2.DeleteSnapshotResponse()
+
+    def Rollback(
+        self, request: control_pb2.RollbackSnapshotRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RollbackSnapshotResponse:
+        regions, nbytes = _serve(
+            context,
+            "Snapshots.Rollback",
+            lambda: self._service.rollback_snapshot(request.volume, request.name),
+        )
+        return control_pb2.RollbackSnapshotResponse(regions=regions, bytes=nbytes)
+
+
+class RolesServicer(control_pb2_grpc.RolesServicer):
+    def __init__(self, service: ControlService) -> None:
+        self._service = service
+
+    def Failover(
+        self, request: control_pb2.FailoverRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RoleChange:
+        view = _serve(
+            context,
+            "Roles.Failover",
+            lambda: self._service.failover(request.group, force=request.force),
+        )
+        return convert.role_change_to_pb(view)
+
+    def Failback(
+        self, request: control_pb2.RoleRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RoleChange:
+        view = _serve(context, "Roles.Failback", lambda: self._service.failback(request.group))
+        return convert.role_change_to_pb(view)
+
+    def Switchover(
+        self, request: control_pb2.RoleRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RoleChange:
+        view = _serve(context, "Roles.Switchover", lambda: self._service.switchover(request.group))
+        return convert.role_change_to_pb(view)
+
+    def Resolve(
+        self, request: control_pb2.ResolveRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RoleChange:
+        view = _serve(
+            context,
+            "Roles.Resolve",
+            lambda: self._service.resolve(request.group, request.survivor),
+        )
+        return convert.role_change_to_pb(view)
+
+    def Status(
+        self, request: control_pb2.RoleRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RoleChange:
+        view = _serve(context, "Roles.Status", lambda: self._service.role_status(request.group))
+        return convert.role_change_to_pb(view)
+
+    def Copy(
+        self, request: control_pb2.CopyRequest, context: grpc.ServicerContext
+    ) -> Iterator[control_pb2.CopyProgress]:
+        steps = _serve(
+            context,
+            "Roles.Copy",
+            lambda: self._service.copy(
+                request.volume,
+                request.offset,
+                request.length,
+                request.site,
+                request.target_volume,
+                request.target_offset,
+                request.via,
+            ),
+        )
+        try:
+            for step in steps:
+                yield convert.copy_step_to_pb(step)
+        except Exception as error:
+            abort(context, error, "Roles.Copy")
+
+
 def add_to_server(service: ControlService, server: grpc.Server) -> tuple[str, ...]:
     """Register every control servicer on `server`; return their service names."""
     control_pb2_grpc.add_VolumesServicer_to_server(VolumesServicer(service), server)
@@ -212,4 +326,6 @@ def add_to_server(service: ControlService, server: grpc.Server) -> tuple[str, ..
     control_pb2_grpc.add_PairsServicer_to_server(PairsServicer(service), server)
     control_pb2_grpc.add_IoServicer_to_server(IoServicer(service), server)
     control_pb2_grpc.add_SiteServicer_to_server(SiteServicer(service), server)
+    control_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(service), server)
+    control_pb2_grpc.add_RolesServicer_to_server(RolesServicer(service), server)
     return SERVICE_NAMES

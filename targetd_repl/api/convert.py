@@ -5,7 +5,14 @@ The enums of common.proto convert with replication/wire.py, the one place that k
 
 from __future__ import annotations
 
-from targetd_repl.api.service import GroupView, PairStatusView, SiteView, VolumeView
+from targetd_repl.api.service import (
+    GroupView,
+    PairStatusView,
+    RoleChangeView,
+    SiteView,
+    SnapshotView,
+    VolumeView,
+)
 from targetd_repl.errors import InvalidArgument
 from targetd_repl.model import PairMode
 from targetd_repl.replication.settings import FencePolicy
@@ -15,6 +22,7 @@ from targetd_repl.replication.wire import (
     role_to_proto,
     state_to_proto,
 )
+from targetd_repl.roles.manager import CopyStep
 from targetd_repl.v1 import control_pb2
 
 
@@ -96,4 +104,54 @@ def site_to_pb(view: SiteView) -> control_pb2.SiteInfo:
         peers=[control_pb2.Peer(name=n, address=a) for n, a in view.peers],
         pid=view.pid,
         started_at=view.started_at,
+    )
+
+
+def snapshot_to_pb(view: SnapshotView) -> control_pb2.Snapshot:
+    return control_pb2.Snapshot(
+        volume=view.volume,
+        name=view.name,
+        kind=view.kind.value,
+        created_at=view.created_at,
+        epoch=view.epoch,
+        seq=view.seq,
+        size_bytes=view.size_bytes,
+        preserved_bytes=view.preserved_bytes,
+    )
+
+
+def role_change_to_pb(view: RoleChangeView) -> control_pb2.RoleChange:
+    status = view.status
+    message = control_pb2.RoleChange(
+        group=status.group,
+        command=status.command,
+        phase=status.phase,
+        step=status.step,
+        done_bytes=status.done_bytes,
+        total_bytes=status.total_bytes,
+        elapsed_seconds=status.elapsed,
+        detail=status.detail,
+        epoch=status.epoch,
+        snapshot=status.snapshot,
+        seq=status.seq,
+        regions=status.regions,
+        live_records=status.live_records,
+        promoted_seconds=status.promoted_seconds,
+    )
+    if view.pair is not None:
+        message.pair.CopyFrom(pair_to_pb(view.pair))
+    return message
+
+
+def copy_step_to_pb(step: CopyStep) -> control_pb2.CopyProgress:
+    return control_pb2.CopyProgress(
+        step=step.step,
+        done_bytes=step.done_bytes,
+        total_bytes=step.total_bytes,
+        done=step.done,
+        sha256=step.sha256,
+        target_sha256=step.target_sha256,
+        seconds=step.seconds,
+        snapshot=step.snapshot,
+        detail=step.detail,
     )

@@ -11,15 +11,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from targetd_repl import __version__
 from targetd_repl.config import parse_address
-from targetd_repl.errors import AlreadyExists, InvalidArgument, Misaligned, NotFound
-from targetd_repl.model import PairMode, PairState, Role, VolumeInfo, check_name
+from targetd_repl.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    Misaligned,
+    NotFound,
+)
+from targetd_repl.model import (
+    PairMode,
+    PairState,
+    Role,
+    SnapshotInfo,
+    SnapshotKind,
+    VolumeInfo,
+    check_name,
+)
 from targetd_repl.replication.settings import FencePolicy
+from targetd_repl.roles.manager import CopyStep, RoleManager, RoleStatus
 from targetd_repl.storage.engine import StorageEngine
 
 log = logging.getLogger(__name__)
@@ -65,6 +80,13 @@ class PairStatusView(Protocol):
     def detail(self) -> str: ...
 
 
+class PairInfoLike(Protocol):
+    @property
+    def peer_site(self) -> str: ...
+    @property
+    def state(self) -> PairState: ...
+
+
 class Replication(Protocol):
     """The pair operations of replication.manager.ReplicationManager the control API exposes."""
 
@@ -103,6 +125,26 @@ class GroupView:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotView:
+    volume: str
+    name: str
+    kind: SnapshotKind
+    created_at: float
+    epoch: int
+    seq: int
+    size_bytes: int
+    preserved_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChangeView:
+    """A role change's status at this site, with the pair's (None when there is no pair)."""
+
+    status: RoleStatus
+    pair: PairStatusView | None
+
+
+@dataclass(frozen=True, slots=True)
 class SiteView:
     name: str
     version: str
@@ -135,9 +177,11 @@ class ControlService:
         site: str,
         endpoints: Endpoints,
         peers: Mapping[str, str],
+        roles: RoleManager | None = None,
     ) -> None:
         self._engine = engine
         self._replication = replication
+        self._roles = roles
         self._site = site
         self._endpoints = endpoints
         self._peers = dict(peers)
@@ -277,6 +321,132 @@ class ControlService:
     def delete_pair(self, group: str) -> None:
         self._replication.delete_pair(group)
         log.info("pair %s deleted", group)
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def _snapshot_view(self, info: SnapshotInfo, volume: str | None = None) -> SnapshotView:
+        name = volume or self._engine.metadata.get_volume(info.volume_id).name
+        store, vid = self._engine.group_of(name)
+        ov = store.volume(vid)
+        preserved = 0
+        size = ov.info.size_bytes
+        if info.name in ov.snapshots:
+            snap = ov.snapshots.get(info.name)
+            preserved = snap.preserved_count * snap.chunk_size
+            size = snap.size_bytes
+        return SnapshotView(
+            volume=name,
+            name=info.name,
+            kind=info.kind,
+            created_at=info.created_at,
+            epoch=info.epoch,
+            seq=info.seq,
+            size_bytes=size,
+            preserved_bytes=preserved,
+        )
+
+    def create_snapshot(self, volume: str, name: str) -> SnapshotView:
+        check_name("volume", volume)
+        check_name("snapshot", name)
+        info = self._engine.create_snapshot(volume, name, SnapshotKind.USER)
+        log.info("snapshot %s of volume %s created at seq %d", name, volume, info.seq)
+        return self._snapshot_view(info, volume)
+
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotView]:
+        if volume is not None:
+            self._engine.metadata.get_volume(volume)  # NotFound names it
+        names = {v.id: v.name for v in self._engine.list_volumes()}
+        return [
+            self._snapshot_view(info, names.get(info.volume_id))
+            for info in self._engine.list_snapshots(volume)
+        ]
+
+    def delete_snapshot(self, volume: str, name: str, *, force: bool = False) -> None:
+        info = self._engine.metadata.get_snapshot(volume, name)
+        if info.kind is not SnapshotKind.USER and not force:
+            raise FailedPrecondition(
+                f"snapshot {name!r} of volume {volume!r} was made by a role change "
+                f"({info.kind}); it keeps data nothing else holds: delete it with --force"
+            )
+        if info.kind in (SnapshotKind.RESTART_POINT, SnapshotKind.RESYNC_SOURCE):
+            store, _ = self._engine.group_of(volume)
+            pair = self._pair_of(store.info.id)
+            if pair is not None and pair.state in (PairState.SWAPPED, PairState.COPYING):
+                raise FailedPrecondition(
+                    f"snapshot {name!r} of volume {volume!r} ({info.kind}) is in use: group "
+                    f"{store.name!r} is {pair.state}; it goes when the failback completes"
+                )
+        self._engine.delete_snapshot(volume, name)
+        log.info("snapshot %s of volume %s deleted", name, volume)
+
+    def _pair_of(self, group_id: int) -> PairInfoLike | None:
+        return next((p for p in self._engine.metadata.list_pairs() if p.group_id == group_id), None)
+
+    def rollback_snapshot(self, volume: str, name: str) -> tuple[int, int]:
+        """Roll a volume back to a snapshot; return (regions, bytes) copied back."""
+        self._engine.metadata.get_snapshot(volume, name)  # NotFound names it
+        store, vid = self._engine.group_of(volume)
+        pair = self._pair_of(store.info.id)
+        if pair is not None:
+            raise FailedPrecondition(
+                f"cannot roll back volume {volume!r}: group {store.name!r} is paired with site "
+                f"{pair.peer_site} (pair {pair.state}, {store.role} here); the peer would not "
+                "see the change: delete the pair first (a failback rolls back by itself)"
+            )
+        regions = self._engine.rollback_snapshot(volume, name)
+        chunk = store.volume(vid).snapshots.chunk_size
+        log.info("volume %s rolled back to snapshot %s: %d regions", volume, name, regions)
+        return regions, regions * chunk
+
+    # --- role changes --------------------------------------------------------------------------
+
+    def _role_manager(self) -> RoleManager:
+        if self._roles is None:
+            raise FailedPrecondition("role changes are not available at this site")
+        return self._roles
+
+    def _role_view(self, status: RoleStatus) -> RoleChangeView:
+        try:
+            pair: PairStatusView | None = self._replication.pair_status(status.group)
+        except NotFound:
+            pair = None
+        return RoleChangeView(status, pair)
+
+    def failover(self, group: str, *, force: bool = False) -> RoleChangeView:
+        check_name("group", group)
+        return self._role_view(self._role_manager().failover(group, force=force))
+
+    def failback(self, group: str) -> RoleChangeView:
+        check_name("group", group)
+        return self._role_view(self._role_manager().failback(group))
+
+    def switchover(self, group: str) -> RoleChangeView:
+        check_name("group", group)
+        return self._role_view(self._role_manager().switchover(group))
+
+    def resolve(self, group: str, survivor: str) -> RoleChangeView:
+        check_name("group", group)
+        check_name("site", survivor)
+        return self._role_view(self._role_manager().resolve_split_brain(group, survivor))
+
+    def role_status(self, group: str) -> RoleChangeView:
+        check_name("group", group)
+        return self._role_view(self._role_manager().status(group))
+
+    def copy(
+        self,
+        volume: str,
+        offset: int,
+        length: int,
+        site: str,
+        target_volume: str,
+        target_offset: int,
+        via: str = "",
+    ) -> Iterator[CopyStep]:
+        self._check_peer(site)
+        return self._role_manager().copy_extent(
+            volume, offset, length, site, target_volume, target_offset, via
+        )
 
     # --- I/O -----------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from targetd_repl.model import (
 from targetd_repl.replication import wire
 from targetd_repl.replication.channel import TlsFiles, open_channel
 from targetd_repl.replication.errors import PeerUnavailable
+from targetd_repl.replication.handshake import HandshakeDecision, HandshakeView
 from targetd_repl.replication.primary import PrimaryPair
 from targetd_repl.replication.secondary import SecondaryGroup, check_volumes
 from targetd_repl.replication.servicer import ReplicationServicer
@@ -113,6 +114,10 @@ class ReplicationManager:
         self._primaries: dict[str, PrimaryPair] = {}
         self._secondaries: dict[str, SecondaryGroup] = {}
         self._started = False
+        # roles/: called with each runner or receiver before it starts (installs its hooks),
+        # and with the group's name once its pair is deleted here (forgets its role changes)
+        self.on_attach: Callable[[str, PrimaryPair | SecondaryGroup], None] | None = None
+        self.on_delete: Callable[[str], None] | None = None
 
     @property
     def site(self) -> str:
@@ -181,6 +186,8 @@ class ReplicationManager:
                 settings=self._settings,
                 region_size=self._region_size(),
             )
+            if self.on_attach is not None:
+                self.on_attach(group, runner)
             runner.start()
             self._primaries[group] = runner
         else:
@@ -191,8 +198,56 @@ class ReplicationManager:
                 pair=pair,
                 settings=self._settings,
             )
+            if self.on_attach is not None:
+                self.on_attach(group, receiver)
             receiver.start()
             self._secondaries[group] = receiver
+
+    # --- role changes (roles/ calls these) ------------------------------------------------------
+
+    def detach(self, group: str) -> None:
+        """Stop the group's runner or receiver (files and pair row stay): a role change is about
+        to turn one into the other."""
+        with self._lock:
+            runner = self._primaries.pop(group, None)
+            receiver = self._secondaries.pop(group, None)
+        if runner is not None:
+            runner.stop()
+        if receiver is not None:
+            receiver.stop()
+
+    def reattach(self, group: str) -> PrimaryPair | SecondaryGroup:
+        """Stop what runs for the group and start what its role here calls for (a PrimaryPair
+        at the primary, a SecondaryGroup at the secondary), from the persisted pair row."""
+        self.detach(group)
+        with self._lock:
+            pair = self._engine.metadata.get_pair(group)
+            self._attach(group, pair)
+            runner = self._primaries.get(group)
+            if runner is not None:
+                return runner
+            return self._secondaries[group]
+
+    def running(self, group: str) -> PrimaryPair | SecondaryGroup | None:
+        """The group's runner or receiver here, if any."""
+        with self._lock:
+            return self._primaries.get(group) or self._secondaries.get(group)
+
+    def answer_handshake(
+        self, peer: HandshakeView, volumes: list[replication_pb2.ReplVolume]
+    ) -> tuple[HandshakeView, HandshakeDecision]:
+        """A handshake for a group this site runs as primary (servicer.py): the caller may be a
+        stale primary to fence, or the other side of a split-brain (roles/)."""
+        with self._lock:
+            runner = self._primaries.get(peer.group)
+        if runner is None:
+            raise NotFound(f"group {peer.group!r} has no pair at site {self._site}")
+        if runner.peer != peer.site:
+            raise FailedPrecondition(
+                f"group {peer.group!r} is paired with site {runner.peer} here, not {peer.site}"
+            )
+        check_volumes(self._engine.metadata, runner.store, volumes)
+        return runner.answer_handshake(peer)
 
     def _address_of(self, peer: str) -> Callable[[], str]:
         return lambda: self.peer_address(peer)
@@ -330,6 +385,8 @@ class ReplicationManager:
             receiver.stop()
             self._engine.metadata.delete_pair(group)
             receiver.remove_files()
+        if self.on_delete is not None:
+            self.on_delete(group)
         log.info("pair %s deleted at site %s", group, self._site)
 
     def _primary(self, group: str) -> PrimaryPair:

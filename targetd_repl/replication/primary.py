@@ -90,6 +90,22 @@ def adopts_history_now(decision: HandshakeDecision) -> bool:
     return decision.action in (Action.RESUME_JOURNAL, Action.NOTHING_TO_DO)
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a role change in progress (roles/) asks the sender to stream instead of what the
+    handshake table alone would decide: the journal from `start_seq`, and with
+    `restart_target` the receiver restarts its receive journal there and stays inconsistent
+    (ShipOpen.resync) until the role change completes it. No copier runs and no pair event
+    fires: the roles layer owns the state until it calls `fire(COPY_DONE)`."""
+
+    start_seq: int
+    restart_target: bool
+
+
+PlanHook = Callable[[HandshakeDecision, HandshakeView], StreamPlan | None]
+ViewHook = Callable[[HandshakeView], HandshakeView]
+
+
 @dataclass
 class CopyProgress:
     total_bytes: int = 0
@@ -178,6 +194,14 @@ class PrimaryPair:
         self._block = {vid: store.volume(vid).info.block_size for vid in store.volume_ids()}
         self._tracking = pair.state in _TRACKING_STATES
         self.on_ack: Callable[[int, int], None] | None = None  # (acked seq, applied seq): benches
+        # roles/ (role changes): a plan for the stream (failback, resolve), extra view fields
+        # (changed bitmap, switchover backlog, survivor), a journal floor kept for a plan, and
+        # `held`: the sender does not connect (a switchover's new primary until it drained).
+        self.plan_hook: PlanHook | None = None
+        self.view_hook: ViewHook | None = None
+        self.held = False
+        self._roles_floor: int | None = None
+        self._last_check = 0.0
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -263,6 +287,112 @@ class PrimaryPair:
         self._wake.set()
         return self._pair
 
+    # --- role changes (roles/ calls these) ------------------------------------------------------
+
+    def fire(self, event: Event, detail: str | None = None, *, strict: bool = False) -> bool:
+        """Apply a pair event (see `_fire`) for the roles layer."""
+        with self._lock:
+            return self._fire(event, detail, strict=strict)
+
+    def set_roles_floor(self, seq: int | None) -> None:
+        """Keep the journal from `seq` on (a role change will stream from there), or stop."""
+        with self._lock:
+            self._roles_floor = seq
+
+    def release(self) -> None:
+        """Let a held sender connect (a switchover's new primary once it drained)."""
+        with self._lock:
+            self.held = False
+            self._refused = False
+        self._wake.set()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._refused = False
+        self._wake.set()
+
+    def set_acked(self, seq: int) -> None:
+        """What the peer is known to hold (a role change established it), persisted."""
+        with self._lock:
+            self._acked = max(self._acked, seq)
+        self._persist_acked(force=True)
+
+    @property
+    def peer_consistent(self) -> bool:
+        """The peer's last acknowledgement said its image is whole (no copy running there)."""
+        return self._peer_consistent
+
+    @property
+    def peer_applied(self) -> int:
+        return self._peer_applied
+
+    def view(self) -> HandshakeView:
+        """This site's handshake view (not pinning the journal)."""
+        return self._view(pin=False)
+
+    def answer_handshake(self, peer: HandshakeView) -> tuple[HandshakeView, HandshakeDecision]:
+        """The peer's handshake reached this site while the group is primary here (a failover
+        made it primary, or two sites claim it): decide, fence the stale side, report a
+        split-brain on both. StaleEpoch when the caller must demote."""
+        view = self._view(pin=False)
+        decision = decide_handshake(view, peer)
+        if decision.fence == peer.site:
+            raise StaleEpoch(
+                f"stale epoch: site {peer.site} is at epoch {peer.epoch}, site {self._site} at"
+                f" epoch {view.epoch}; {decision.reason}"
+            )
+        if decision.fence == self._site:
+            self._fenced(decision.reason)
+        elif decision.action is Action.SPLIT_BRAIN:
+            with self._lock:
+                self._fire(Event.SPLIT_BRAIN_DETECTED, decision.reason)
+                self._refused = True
+        return view, decision
+
+    def _maybe_check_epochs(self, state: PairState) -> None:
+        """A primary that waits (swapped after a failover) still compares epochs with the peer
+        now and then: a stale peer is told to demote, a split-brain is reported (roles/)."""
+        if (
+            state is not PairState.SWAPPED
+            or self._store.role is not Role.PRIMARY
+            or self._refused
+            or self.held
+        ):
+            return
+        now = time.monotonic()
+        if now - self._last_check < max(self._settings.reconnect_max, 1.0):
+            return
+        self._last_check = now
+        try:
+            channel = open_channel(self._address(), self.peer, self._tls)
+        except (TargetdReplError, OSError):
+            return
+        try:
+            stub = replication_pb2_grpc.ReplicationStub(channel)
+            view = self._view(pin=False)
+            request = replication_pb2.HandshakeRequest(
+                view=wire.view_to_proto(view), volumes=self._volumes()
+            )
+            try:
+                response = stub.Handshake(request, timeout=self._settings.rpc_timeout)
+            except grpc.RpcError as error:
+                raise error_from_rpc(error, self.peer) from None
+            decision = decide_handshake(
+                view, wire.view_from_proto(response.view, self._store.info.id)
+            )
+            if decision.fence == self._site:
+                raise StaleEpoch(decision.reason)
+            if decision.action is Action.SPLIT_BRAIN:
+                with self._lock:
+                    self._fire(Event.SPLIT_BRAIN_DETECTED, decision.reason)
+                    self._refused = True
+        except StaleEpoch as error:
+            self._fenced(str(error))
+        except (TargetdReplError, OSError) as error:
+            log.debug("pair %s: epoch check with %s: %s", self.group, self.peer, error)
+        finally:
+            channel.close()
+
     def set_fence(self, fence: FencePolicy) -> None:
         self._rstate.fence = fence.value
         self._rstate.save(self._store.group_dir)
@@ -282,7 +412,7 @@ class PrimaryPair:
                 "peer": self.peer,
                 "mode": self._pair.mode,
                 "state": self._pair.state,
-                "role": Role.PRIMARY,
+                "role": self._store.role,  # secondary once fenced (roles/)
                 "epoch": self._store.info.epoch,
                 "last_seq": last,
                 "acked_seq": acked,
@@ -354,6 +484,11 @@ class PrimaryPair:
 
     def _retain_from(self) -> int:
         """The lowest seq the journal must keep (GroupStore.retain_from)."""
+        value = self._retain_from_replication()
+        floor = self._roles_floor  # roles/: a plan that will stream from this seq
+        return value if floor is None else min(value, floor)
+
+    def _retain_from_replication(self) -> int:
         pin = self._pin
         if pin is not None:
             return pin
@@ -371,8 +506,9 @@ class PrimaryPair:
             self._unsent.save(volume_id)
 
     def _after_write(self, seq: int) -> None:
-        """Before the ack: a sync pair waits until the peer holds `seq` durably."""
-        if self._pair.mode is not PairMode.SYNC or self._acked >= seq:
+        """Before the ack: a sync pair waits until the peer holds `seq` durably. A held sender
+        (roles/: a switchover still draining) ships later: the write completes locally."""
+        if self._pair.mode is not PairMode.SYNC or self._acked >= seq or self.held:
             return
         timeout = self._settings.sync_timeout
         with self._cond:
@@ -565,8 +701,11 @@ class PrimaryPair:
                 if self._stopping:
                     return
                 state = self._pair.state
-                idle = state in (PairState.SUSPENDED, PairState.SWAPPED) or self._refused
+                idle = (
+                    state in (PairState.SUSPENDED, PairState.SWAPPED) or self._refused or self.held
+                )
             if idle:
+                self._maybe_check_epochs(state)
                 self._maybe_trim()
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -615,12 +754,18 @@ class PrimaryPair:
     def _volumes(self) -> list[replication_pb2.ReplVolume]:
         return [wire.volume_to_proto(self._store.volume(v).info) for v in self._store.volume_ids()]
 
-    def _view(self) -> HandshakeView:
+    def _view(self, *, pin: bool = True) -> HandshakeView:
+        view = self._base_view(pin=pin)
+        hook = self.view_hook
+        return view if hook is None else hook(view)
+
+    def _base_view(self, *, pin: bool) -> HandshakeView:
         store = self._store
         journal = store.journal
         with self._lock:
             # Pin the journal: what the view says it holds must still be there afterwards.
-            self._pin = journal.first_seq
+            if pin:
+                self._pin = journal.first_seq
             last = journal.durable_seq
             acked = min(self._acked, last)
             return HandshakeView(
@@ -655,6 +800,9 @@ class PrimaryPair:
             plan = self._act_on(decision, peer_view)
             if plan is None:
                 return
+            if isinstance(plan, StreamPlan):
+                self._stream(stub, plan.start_seq, plan.restart_target, False, plan)
+                return
             start_seq, resync, full = plan
             self._stream(stub, start_seq, resync, full)
         finally:
@@ -664,12 +812,17 @@ class PrimaryPair:
 
     def _act_on(
         self, decision: HandshakeDecision, peer: HandshakeView
-    ) -> tuple[int, bool, bool] | None:
+    ) -> tuple[int, bool, bool] | StreamPlan | None:
         """Turn the decision into (start seq, resync?, full copy?), or None when nothing moves
-        (the pair state then says why)."""
+        (the pair state then says why); a role change in progress answers with its own plan."""
         action = decision.action
         if decision.fence == self._site:
             raise StaleEpoch(decision.reason)
+        hook = self.plan_hook
+        if hook is not None:
+            plan = hook(decision, peer)
+            if plan is not None:
+                return plan
         if (
             action.refuses
             or decision.source != self._site
@@ -764,11 +917,36 @@ class PrimaryPair:
         )
         return start, todo
 
+    def _begin_plan(self, plan: StreamPlan) -> None:
+        """A role change's stream (roles/): ship the journal from the plan's seq; bits set so
+        far stand for writes the role change copies, and go once the peer acknowledges."""
+        store = self._store
+        with store.quiesced(), self._lock:
+            journal = store.journal
+            if journal.first_seq > plan.start_seq:
+                raise PeerUnavailable(
+                    f"journal trimmed past seq {plan.start_seq}, where the role change streams"
+                    " from; reconnecting"
+                )
+            if self._tracking:
+                self._tracking = False
+                if self._unsent.any():
+                    self._clear_all_at = journal.next_seq - 1
+            self._retain_min = plan.start_seq
+            self._pin = None
+
     def _stream(
-        self, stub: replication_pb2_grpc.ReplicationStub, start_seq: int, resync: bool, full: bool
+        self,
+        stub: replication_pb2_grpc.ReplicationStub,
+        start_seq: int,
+        resync: bool,
+        full: bool,
+        plan: StreamPlan | None = None,
     ) -> None:
         todo: list[tuple[int, int, int]] = []
-        if resync:
+        if plan is not None:
+            self._begin_plan(plan)
+        elif resync:
             start_seq, todo = self._begin_resync(full)
         else:
             self._begin_journal(start_seq)
@@ -784,7 +962,7 @@ class PrimaryPair:
             session.call = call
             if session.stopped.is_set():
                 call.cancel()
-            if resync:
+            if resync and plan is None:
                 session.copier = threading.Thread(
                     target=self._copy,
                     args=(session, todo),

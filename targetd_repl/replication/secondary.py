@@ -36,7 +36,7 @@ from targetd_repl.errors import (
 from targetd_repl.model import EpochEntry, PairInfo, PairState, Role
 from targetd_repl.replication import wire
 from targetd_repl.replication.errors import Aborted, StaleEpoch
-from targetd_repl.replication.handshake import HandshakeDecision, HandshakeView
+from targetd_repl.replication.handshake import HandshakeDecision, HandshakeView, generation_key
 from targetd_repl.replication.primary import adopts_history_now, decide_handshake
 from targetd_repl.replication.settings import ReplicationSettings
 from targetd_repl.replication.tracking import ReplicationState
@@ -132,6 +132,49 @@ class SecondaryGroup:
     @property
     def consistent(self) -> bool:
         return self._rstate.consistent
+
+    @property
+    def held(self) -> bool:
+        """A role change holds the applier (roles/: failback or resolve bulk copy running)."""
+        return self._rstate.hold_apply
+
+    # --- role changes (roles/ calls these) ------------------------------------------------------
+
+    def hold(self, saved_snapshot: str) -> None:
+        """A failback or resolve starts with this site as its target: the image is inconsistent
+        from now on and received records wait, unapplied, until `release` (persisted)."""
+        with self._lock:
+            self._rstate.consistent = False
+            self._rstate.consistent_at = None
+            self._rstate.hold_apply = True
+            self._rstate.hold_restarted_at = None
+            self._rstate.saved_snapshot = saved_snapshot
+            self._rstate.save(self._store.group_dir)
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
+    @property
+    def restarted_at(self) -> int | None:
+        """The seq a held target's receive journal restarted at (roles/), if it did."""
+        return self._rstate.hold_restarted_at if self._rstate.hold_apply else None
+
+    def release(self, consistent_at: int, history: tuple[EpochEntry, ...]) -> None:
+        """The bulk copy arrived: the image is the source's at `consistent_at` once applied that
+        far; then this site takes `history` and the held records are applied in order."""
+        with self._lock:
+            self._rstate.hold_restarted_at = None
+            self._rstate.consistent_at = consistent_at
+            self._rstate.set_history(history)
+            self._rstate.hold_apply = False
+            self._rstate.save(self._store.group_dir)
+        self._check_consistent(self._store.applied_seq)
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+
+    def set_state(self, state: PairState, detail: str = "") -> None:
+        """Record the pair's state here as a role change decided it."""
+        with self._lock:
+            self._pair = self._metadata.set_pair_state(self.group, state, detail)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -234,6 +277,8 @@ class SecondaryGroup:
                     f"stale epoch: site {peer.site} is at epoch {peer.epoch}, "
                     f"site {self._site} at epoch {view.epoch}; {decision.reason}"
                 )
+            if self._rstate.hold_apply:
+                return view, decision  # a role change decides here (roles/), not the table
             self._check_sender(peer.site)
             if decision.target == self._site and adopts_history_now(decision):
                 self._adopt(peer.history)
@@ -242,13 +287,29 @@ class SecondaryGroup:
             return view, decision
 
     def _adopt(self, history: tuple[EpochEntry, ...]) -> None:
-        """Take the source's epoch history entries newer than ours (it is a continuation)."""
+        """Take the source's epoch history entries newer than ours (it is a continuation). If
+        ours holds a generation the source's lacks (a fork this site lost: roles/ resolve, or
+        an empty fork), ours is replaced; the entries dropped are archived with the snapshot
+        that kept this site's data (metadata.replace_history)."""
         store = self._store
-        current = store.info.epoch
-        for entry in history:
-            if entry.epoch > current:
-                self._metadata.record_epoch(store.info.id, replace(entry, group_id=store.info.id))
-                current = entry.epoch
+        gid = store.info.id
+        ours = self._metadata.epoch_history(gid)
+        theirs = [replace(e, group_id=gid) for e in history]
+        keys = {generation_key(e) for e in theirs}
+        if any(generation_key(e) not in keys for e in ours) and theirs:
+            self._metadata.replace_history(gid, theirs, snapshot=self._rstate.saved_snapshot)
+            log.warning(
+                "group %s: epoch history replaced by site %s's (%d entries archived)",
+                self.group,
+                self.peer,
+                sum(1 for e in ours if generation_key(e) not in keys),
+            )
+        else:
+            current = store.info.epoch
+            for entry in theirs:
+                if entry.epoch > current:
+                    self._metadata.record_epoch(gid, entry)
+                    current = entry.epoch
         store.refresh()
 
     def _check_sender(self, site: str, *, receiving: bool = True) -> None:
@@ -264,7 +325,8 @@ class SecondaryGroup:
 
     def _check_epoch(self, epoch: int, site: str) -> None:
         ours = self._store.info.epoch
-        if epoch < ours:
+        if epoch < ours and not self._rstate.hold_apply:  # roles/: a held target takes its
+            # source's epoch with the history it adopts (a resolve's survivor may be behind)
             raise StaleEpoch(
                 f"stale epoch: site {site} sends group {self.group!r} at epoch {epoch}, "
                 f"this site is at epoch {ours}"
@@ -281,7 +343,10 @@ class SecondaryGroup:
             store = self._store
             if msg.resync:
                 journal = store.journal
-                if msg.start_seq <= journal.durable_seq:
+                held = self._rstate.hold_apply
+                # roles/: a held target (failback, resolve) discards its own seqs past the
+                # source's snapshot (saved in a snapshot before the hold began)
+                if msg.start_seq <= journal.durable_seq and not held:
                     raise SequenceGap(
                         f"group {self.group!r}: a resync from seq {msg.start_seq} cannot start "
                         f"below the received seq {journal.durable_seq}"
@@ -289,8 +354,11 @@ class SecondaryGroup:
                 self._rstate.consistent = False
                 self._rstate.consistent_at = None
                 self._rstate.save(store.group_dir)
-                if msg.start_seq != journal.next_seq:
-                    store.restart_journal(msg.start_seq)
+                if msg.start_seq != journal.next_seq or held:
+                    store.restart_journal(msg.start_seq, discard=held)
+                if held:
+                    self._rstate.hold_restarted_at = msg.start_seq
+                    self._rstate.save(store.group_dir)
                 self._reach(PairState.COPYING, "")
             elif msg.start_seq != store.journal.next_seq:
                 raise SequenceGap(
@@ -327,6 +395,8 @@ class SecondaryGroup:
             try:
                 store.receive(records, self._volume_map)
             except JournalFull:
+                if self._rstate.hold_apply:
+                    raise  # held records cannot be applied early (roles/ bulk copy running)
                 # The applier is behind: apply and trim here, then try once more.
                 store.apply_received()
                 store.checkpoint_and_trim()
@@ -390,10 +460,12 @@ class SecondaryGroup:
         store = self._store
         while True:
             with self._applied_cond:
-                while (
-                    not self._stopping
-                    and store.journal.durable_seq <= store.applied_seq
-                    and self._rstate.consistent_at is None
+                while not self._stopping and (
+                    self._rstate.hold_apply  # roles/: a bulk copy must land first
+                    or (
+                        store.journal.durable_seq <= store.applied_seq
+                        and self._rstate.consistent_at is None
+                    )
                 ):
                     self._applied_cond.wait(self._settings.trim_interval)
                     self._maybe_trim()

@@ -12,6 +12,7 @@ import grpc
 from targetd_repl.errors import InvalidArgument
 from targetd_repl.replication import wire
 from targetd_repl.replication.channel import check_peer
+from targetd_repl.replication.primary import PrimaryPair
 from targetd_repl.replication.status import abort
 from targetd_repl.v1 import replication_pb2, replication_pb2_grpc
 
@@ -51,9 +52,16 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         what = f"Handshake {request.view.group!r} from {request.view.site}"
         try:
             check_peer(context, request.view.site)
-            receiver = self._manager.secondary_for(request.view.group, request.view.site)
-            peer = wire.view_from_proto(request.view, receiver.store.info.id)
-            view, decision = receiver.handshake(peer, list(request.volumes))
+            running = self._manager.running(request.view.group)
+            if isinstance(running, PrimaryPair):
+                # Primary here (roles/: a failover made it so): fence a stale caller, or report
+                # a split-brain on both sides.
+                peer = wire.view_from_proto(request.view, running.store.info.id)
+                view, decision = self._manager.answer_handshake(peer, list(request.volumes))
+            else:
+                receiver = self._manager.secondary_for(request.view.group, request.view.site)
+                peer = wire.view_from_proto(request.view, receiver.store.info.id)
+                view, decision = receiver.handshake(peer, list(request.volumes))
             return replication_pb2.HandshakeResponse(
                 view=wire.view_to_proto(view),
                 decision=decision.action.value,

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 from targetd_repl.errors import BitmapCorrupt, NotFound
 from targetd_repl.model import EpochEntry
@@ -44,7 +45,7 @@ class UnsentBitmaps:
         return directory / f"unsent-{volume_id}.bitmap"
 
     @classmethod
-    def open(cls, directory: Path, volumes: dict[int, int], region_size: int) -> UnsentBitmaps:
+    def open(cls, directory: Path, volumes: dict[int, int], region_size: int) -> Self:
         """Load (or start empty) the bitmap of each volume (volume id -> size in bytes). A
         bitmap whose file is damaged or of another geometry comes back all set: every region
         is copied again rather than trusting a file that may have lost bits."""
@@ -123,6 +124,12 @@ class ReplicationState:
     adopt_history: list[dict[str, object]] = field(default_factory=list)  # with consistent_at
     fence: str = "none"
     clean_shutdown: bool = True
+    # roles/: a failback or resolve target holds the records it receives unapplied until the
+    # bulk copy of the role change has arrived (seed 001 claim 17); the snapshot that keeps what
+    # it replaces is named in the history it discards
+    hold_apply: bool = False
+    hold_restarted_at: int | None = None  # the live stream restarted the receive journal here
+    saved_snapshot: str = ""
 
     @classmethod
     def load(cls, directory: Path) -> ReplicationState:

@@ -113,6 +113,14 @@ class GroupStore:
         self.on_written: Callable[[int, int, int, int], None] | None = None
         self.after_write: Callable[[int], None] | None = None
         self.on_journal_full: Callable[[], bool] | None = None
+        # Role-change hooks (roles/ sets them; None = off), beside replication's:
+        # before_io(volume_id, offset, length, write): before a read or a write takes its slot:
+        #   a new primary whose switchover backlog has not arrived fetches the regions it lacks
+        #   from the old primary first (copy-on-read, seed 000). It may raise to fail the I/O.
+        # on_changed(seq, volume_id, offset, length): inside the write slot, next to on_written:
+        #   marks the changed bitmap of a promoted site (seeds 001/003), saved before the ack.
+        self.before_io: Callable[[int, int, int, bool], None] | None = None
+        self.on_changed: Callable[[int, int, int, int], None] | None = None
 
     @classmethod
     def open(
@@ -221,6 +229,7 @@ class GroupStore:
         expect = memoryview(expected).cast("B")
         view = memoryview(new).cast("B")
         ov, offset = self._check_write(volume_id, lba, view.nbytes)
+        self._before_io(volume_id, offset, view.nbytes, True)
         # One hold across the compare and the write: no other write may slip between them.
         with self._write_slot(ov, offset, view.nbytes):
             current = ov.volume.pread(offset, expect.nbytes)
@@ -260,6 +269,7 @@ class GroupStore:
         self, kind: RecordKind, volume_id: int, lba: int, data: memoryview | None, length: int
     ) -> int:
         ov, offset = self._check_write(volume_id, lba, length)
+        self._before_io(volume_id, offset, length, True)
         with self._write_slot(ov, offset, length):
             seq = self._journal_and_apply(kind, ov, lba, offset, data, length)
         if self.after_write is not None:
@@ -292,7 +302,14 @@ class GroupStore:
         self._applied.complete(seq)
         if self.on_written is not None:
             self.on_written(seq, ov.info.id, offset, length)
+        if self.on_changed is not None:
+            self.on_changed(seq, ov.info.id, offset, length)
         return seq
+
+    def _before_io(self, volume_id: int, offset: int, length: int, write: bool) -> None:
+        hook = self.before_io
+        if hook is not None:
+            hook(volume_id, offset, length, write)
 
     def _append(
         self, kind: RecordKind, ov: OpenVolume, lba: int, data: memoryview | None, length: int
@@ -363,22 +380,28 @@ class GroupStore:
         self._journal.append_records(records, volume_map=volume_map)
         return self._journal.durable_seq
 
-    def restart_journal(self, start_seq: int) -> None:
+    def restart_journal(self, start_seq: int, *, discard: bool = False) -> None:
         """Secondary, at the start of a resync copy: apply every record received, checkpoint,
         and start the receive journal afresh at `start_seq` (the first seq the copy stream
         carries; the seqs in between are covered by the copy, never shipped).
+
+        `discard` (roles/: the target of a failback or resolve) allows a `start_seq` at or below
+        what the journal holds: this site's own seqs past it are replaced by the source's (the
+        role change saved them in a snapshot first) and the checkpoint moves back.
 
         Crash order: the segments go first, the checkpoint second. A crash between leaves an
         empty journal at the old checkpoint + 1, which the next handshake resyncs again."""
         with self._apply_lock, self._barrier.closed():
             self._check_usable()
             journal = self._journal
-            if start_seq <= journal.durable_seq:
+            if start_seq <= journal.durable_seq and not discard:
                 raise FailedPrecondition(
                     f"group {self.name!r}: cannot restart the receive journal at seq "
                     f"{start_seq}, it already holds up to {journal.durable_seq}"
                 )
             start = self._applied.value + 1
+            if discard:
+                start = journal.durable_seq + 1  # held records are covered by the role change
             for record in journal.read_from(start) if start <= journal.durable_seq else ():
                 self._apply_record(record)
                 self._applied.complete(record.seq)
@@ -396,7 +419,9 @@ class GroupStore:
                 start_seq=start_seq,
             )
             with self._checkpoint_lock:
-                self._info = self._metadata.set_checkpoint(self._info.id, applied_seq=start_seq - 1)
+                self._info = self._metadata.set_checkpoint(
+                    self._info.id, applied_seq=start_seq - 1, rewind=discard
+                )
                 self._applied.reset(start_seq - 1)
                 self._checkpointed = start_seq - 1
 
@@ -457,11 +482,54 @@ class GroupStore:
 
     def read(self, volume_id: int, lba: int, nblocks: int) -> bytes:
         self._check_usable()
-        return self._open_volume(volume_id).volume.read(lba, nblocks)
+        volume = self._open_volume(volume_id).volume
+        if self.before_io is not None and nblocks > 0:
+            bs = volume.block_size
+            self._before_io(volume_id, volume.check_range(lba, nblocks), nblocks * bs, False)
+        return volume.read(lba, nblocks)
 
     def readinto(self, volume_id: int, lba: int, buf: bytearray | memoryview) -> None:
         self._check_usable()
-        self._open_volume(volume_id).volume.readinto(lba, buf)
+        volume = self._open_volume(volume_id).volume
+        if self.before_io is not None:
+            view = memoryview(buf).cast("B")
+            nblocks = view.nbytes // volume.block_size
+            if nblocks > 0:
+                offset = volume.check_range(lba, nblocks)
+                self._before_io(volume_id, offset, view.nbytes, False)
+        volume.readinto(lba, buf)
+
+    # --- role changes: data that bypasses the journal (roles/) -------------------------------
+
+    def install_region(self, volume_id: int, offset: int, length: int, data: Buffer | None) -> None:
+        """Write bytes into a volume *without* journaling them (role is not checked): data the
+        peer already holds, installed by a role change — a switchover's backlog and
+        copy-on-read fetches at the new primary, the bulk copy of a failback or resolve at its
+        target. `data` None writes zeros. Snapshots keep their before-images as for any write.
+        Durable only after `flush_volumes()`."""
+        self._check_usable()
+        ov = self._open_volume(volume_id)
+        block = ov.volume.block_size
+        if offset % block or length % block or length <= 0:
+            raise InvalidArgument(
+                f"volume {ov.info.name!r}: region {offset}+{length} is not whole blocks"
+            )
+        if data is not None and len(data) != length:
+            raise InvalidArgument(
+                f"volume {ov.info.name!r}: {len(data)} bytes for a region of {length}"
+            )
+        lba = ov.volume.check_range(offset // block, length // block) // block
+        with self._write_slot(ov, offset, length):
+            ov.snapshots.before_write(offset, length)
+            if data is None:
+                ov.volume.write_zeros(lba, length // block)
+            else:
+                ov.volume.write(lba, data)
+
+    def flush_volumes(self) -> None:
+        """fdatasync every volume of the group (after install_region)."""
+        for ov in list(self._volumes.values()):
+            ov.volume.flush()
 
     def volume(self, volume_id: int) -> OpenVolume:
         return self._open_volume(volume_id)

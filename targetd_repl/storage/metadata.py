@@ -34,15 +34,16 @@ append-only; the schema's triggers refuse updates and deletes of them too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import TypeVar
 
 from targetd_repl.errors import (
@@ -138,6 +139,8 @@ def _pair(row: sqlite3.Row) -> PairInfo:
         state=PairState(row["state"]),
         updated_at=row["updated_at"],
         detail=row["detail"],
+        backlog_from_seq=row["backlog_from_seq"],
+        survivor=row["survivor"],
     )
 
 
@@ -606,6 +609,97 @@ class MetadataStore:
             )
             return _group(self._group_row(conn, row["id"]))
 
+    def replace_history(
+        self, group: Ref, history: Sequence[EpochEntry], *, snapshot: str, role: Role | None = None
+    ) -> GroupInfo:
+        """roles/: make `history` the group's epoch history (a fork's loser takes the survivor's,
+        a resolve). Entries both share stay; every entry only this site has is archived in
+        `epoch_history_discarded` with `snapshot` (the snapshot that keeps the data written under
+        it) before it is deleted; the survivor's other entries are appended. The group moves to
+        the last entry's epoch (which may be equal to or lower than its own). One transaction."""
+        new_role = None if role is None else _enum(Role, role, "role")
+        if not history:
+            raise InvalidArgument("a replacement epoch history cannot be empty")
+        for prev, entry in itertools.pairwise(history):
+            if entry.epoch <= prev.epoch:
+                raise InvalidArgument(
+                    f"replacement history: epochs must grow ({prev.epoch} then {entry.epoch})"
+                )
+
+        def key(e: EpochEntry) -> tuple[int, str, float, int]:
+            return (e.epoch, e.primary_site, float(e.started_at), e.prev_last_seq)
+
+        with self._tx() as conn:
+            row = self._group_row(conn, group)
+            gid = row["id"]
+            current = [
+                _epoch(r)
+                for r in conn.execute(
+                    "SELECT * FROM epoch_history WHERE group_id = ? ORDER BY epoch", (gid,)
+                )
+            ]
+            wanted = {key(e) for e in history}
+            now = self._clock()
+            for entry in current:
+                if key(entry) in wanted:
+                    continue
+                conn.execute(
+                    "INSERT OR IGNORE INTO epoch_history_discarded (group_id, epoch,"
+                    " primary_site, started_at, prev_last_seq, reason, discarded_at, snapshot)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        gid,
+                        entry.epoch,
+                        entry.primary_site,
+                        entry.started_at,
+                        entry.prev_last_seq,
+                        entry.reason,
+                        now,
+                        snapshot,
+                    ),
+                )
+                conn.execute(
+                    "DELETE FROM epoch_history WHERE group_id = ? AND epoch = ?",
+                    (gid, entry.epoch),
+                )
+            kept = {key(e) for e in current}
+            for entry in history:
+                if key(entry) in kept:
+                    continue
+                conn.execute(
+                    "INSERT INTO epoch_history"
+                    " (group_id, epoch, primary_site, started_at, prev_last_seq, reason)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        gid,
+                        _int("epoch", entry.epoch, 1),
+                        check_name("site", entry.primary_site),
+                        float(entry.started_at),
+                        _int("prev_last_seq", entry.prev_last_seq, 0),
+                        str(entry.reason),
+                    ),
+                )
+            conn.execute(
+                "UPDATE groups SET epoch = ?, role = ? WHERE id = ?",
+                (
+                    history[-1].epoch,
+                    row["role"] if new_role is None else new_role.value,
+                    gid,
+                ),
+            )
+            return _group(self._group_row(conn, gid))
+
+    def discarded_epochs(self, group: Ref) -> list[tuple[EpochEntry, str]]:
+        """Epoch entries a resolve discarded, with the snapshot that keeps their data."""
+        with self._read() as conn:
+            gid = self._group_row(conn, group)["id"]
+            rows = conn.execute(
+                "SELECT * FROM epoch_history_discarded WHERE group_id = ?"
+                " ORDER BY discarded_at, epoch",
+                (gid,),
+            ).fetchall()
+            return [(_epoch(r), str(r["snapshot"])) for r in rows]
+
     def epoch_history(self, group: Ref) -> list[EpochEntry]:
         """The group's epoch history, oldest first."""
         with self._read() as conn:
@@ -712,6 +806,37 @@ class MetadataStore:
                 "UPDATE pairs SET state = ?, detail = ?, updated_at = ? WHERE group_id = ?",
                 (state.value, str(detail), self._clock(), row["id"]),
             )
+            return _pair(self._need_pair(conn, row))
+
+    def set_pair_roles(
+        self,
+        group: Ref,
+        *,
+        backlog_from_seq: int | EllipsisType | None = ...,
+        survivor: str | EllipsisType | None = ...,
+    ) -> PairInfo:
+        """roles/: set (or clear with None) the pair's switchover backlog and pending survivor;
+        a field left out is unchanged."""
+        values: dict[str, object] = {}
+        if backlog_from_seq is not ...:
+            if backlog_from_seq is not None:
+                backlog_from_seq = _int("backlog_from_seq", backlog_from_seq, 1)
+            values["backlog_from_seq"] = backlog_from_seq
+        if survivor is not ...:
+            if survivor is not None:
+                if not isinstance(survivor, str):
+                    raise InvalidArgument(f"survivor must be a site name, not {survivor!r}")
+                check_name("site", survivor)
+            values["survivor"] = survivor
+        with self._tx() as conn:
+            row = self._group_row(conn, group)
+            self._need_pair(conn, row)
+            if values:
+                assignments = ", ".join(f"{column} = ?" for column in values)
+                conn.execute(
+                    f"UPDATE pairs SET {assignments}, updated_at = ? WHERE group_id = ?",
+                    (*values.values(), self._clock(), row["id"]),
+                )
             return _pair(self._need_pair(conn, row))
 
     def set_pair_mode(self, group: Ref, mode: PairMode) -> PairInfo:

@@ -127,7 +127,42 @@ _V3_APPEND_ONLY = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (_V1_INITIAL, _V2_BOOKKEEPING, _V3_APPEND_ONLY)
+# Role changes (roles/): what the handshake must remember across restarts (a switchover's
+# undrained backlog, a pending resolve's survivor), and the one way an epoch entry may leave the
+# history: a fork's loser replaces its history with the survivor's, and every discarded entry is
+# archived first (with the snapshot that keeps the loser's data), so the delete guard of step 3
+# still refuses any deletion that left no trace.
+_V4_ROLES = Migration(
+    4,
+    "pair backlog_from_seq and survivor; archive of epoch entries discarded by a resolve",
+    (
+        "ALTER TABLE pairs ADD COLUMN backlog_from_seq INTEGER CHECK (backlog_from_seq >= 1)",
+        "ALTER TABLE pairs ADD COLUMN survivor TEXT",
+        """CREATE TABLE epoch_history_discarded (
+            group_id INTEGER NOT NULL REFERENCES groups (id) ON DELETE CASCADE,
+            epoch INTEGER NOT NULL,
+            primary_site TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            prev_last_seq INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            discarded_at REAL NOT NULL,
+            snapshot TEXT NOT NULL,
+            PRIMARY KEY (group_id, epoch, started_at, primary_site)
+        ) WITHOUT ROWID""",
+        "DROP TRIGGER epoch_history_no_delete",
+        """CREATE TRIGGER epoch_history_no_delete BEFORE DELETE ON epoch_history
+        WHEN EXISTS (SELECT 1 FROM groups WHERE id = OLD.group_id)
+            AND NOT EXISTS (
+                SELECT 1 FROM epoch_history_discarded d
+                WHERE d.group_id = OLD.group_id AND d.epoch = OLD.epoch
+                    AND d.started_at = OLD.started_at AND d.primary_site = OLD.primary_site)
+        BEGIN
+            SELECT RAISE(ABORT, 'epoch_history is append-only');
+        END""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (_V1_INITIAL, _V2_BOOKKEEPING, _V3_APPEND_ONLY, _V4_ROLES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
