@@ -120,9 +120,9 @@ def main() -> int:
     engine.close()
 
     print(
-        "\nNext: replication between two controller processes. Not in the demo yet: the LUN "
-        "served to\nan open-iscsi initiator in the QEMU lab (`make lab` runs those scenarios) and "
-        "the role changes\n(switchover, failover, failback, extent copy: issue 5)."
+        "\nNext: two controller processes, replication and the role changes. Not in the demo "
+        "yet: an\nopen-iscsi initiator writing a filesystem on the LUN in the QEMU lab "
+        "(`make lab` runs the\nkernel scenarios on their own)."
     )
     shutil.rmtree(state)
 

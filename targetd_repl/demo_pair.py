@@ -1,6 +1,7 @@
 """The replication part of `make demo`: two real controller processes on loopback, driven only
 through the `targetd-repl` CLI (the control API), an async pair that copies and then ships the
-journal, and both images compared by hash."""
+journal, both images compared by hash; then an unplanned failover, the old primary's return and
+failback, and a planned switchover back, each through one command."""
 
 from __future__ import annotations
 
@@ -114,9 +115,45 @@ def run(root: Path, step: Any, done: Any) -> bool:
                 break
             time.sleep(0.5)  # async: b applies the last records a moment after acking them
         done(t, f"write on b refused: {refused.stderr.strip()!r}; images equal: {equal}")
-        return equal and refused.returncode != 0
+        if not (equal and refused.returncode != 0):
+            return False
+
+        t = step("site a dies (SIGKILL); unplanned failover: b promotes itself")
+        site_a.kill()
+        site_a.wait()
+        _cli(config_b, "failover", "web")
+        _cli(config_b, "io", "write", "web", "--offset", str(24 * MIB), "--pattern", "0xb2",
+             "--length", str(2 * MIB))  # fmt: skip
+        done(t, "b is primary at a new epoch, kept a restart-point snapshot, took 2 MiB of writes")
+
+        t = step("a returns with a stale epoch: fenced; failback moves only what differs")
+        site_a, address_a = _serve(config_a, root / "a", root / "a2.log")
+        _cli(config_b, "site", "set-peer", "a", address_a)
+        _cli(config_a, "site", "set-peer", "b", address_b)
+        fenced = subprocess.run(
+            [*CLI, "--site-config", str(config_a), "io", "write", "web", "--offset", "0",
+             "--pattern", "1", "--length", "4096"], capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        _cli(config_b, "failback", "web")
+        _cli(config_b, "pair", "status", "web", "--until", "paired", "--wait-timeout", "120")
+        done(t, f"write on the returning a refused: {fenced.returncode != 0}; pair paired b -> a")
+
+        t = step("planned switchover back to a, no I/O freeze; images compared again")
+        _cli(config_a, "switchover", "web")
+        _cli(config_a, "io", "write", "web", "--offset", str(28 * MIB), "--pattern", "0xa3",
+             "--length", str(1 * MIB))  # fmt: skip
+        _cli(config_a, "pair", "status", "web", "--until", "paired", "--wait-timeout", "120")
+        deadline = time.monotonic() + 60
+        while True:
+            equal = _sha(config_a, "web", 32 * MIB) == _sha(config_b, "web", 32 * MIB)
+            if equal or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        done(t, f"a is primary again; images equal: {equal}")
+        return equal and fenced.returncode != 0
     finally:
         for proc in (site_a, site_b):
-            proc.send_signal(signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for proc in (site_a, site_b):
             proc.wait(30)
