@@ -50,7 +50,9 @@ class ScsiConfig:
     oui: int = OUI_OPENFABRICS
     max_transfer_bytes: int = 8 * MIB
     optimal_transfer_bytes: int = 1 * MIB
-    max_unmap_bytes: int = 1024 * MIB  # per UNMAP block descriptor
+    # per UNMAP block descriptor; 512 MiB keeps MAXIMUM UNMAP LBA COUNT <= 2^20 blocks at 512-byte
+    # blocks, the largest count libiscsi's conformance suite accepts as sane
+    max_unmap_bytes: int = 512 * MIB
     max_unmap_descriptors: int = 256
     max_write_same_bytes: int = 1024 * MIB
     max_compare_and_write_blocks: int = 1  # what ESXi's ATS uses; LIO advertises the same
@@ -62,8 +64,17 @@ def _ascii(text: str, width: int) -> bytes:
     return text.encode("ascii", "replace")[:width].ljust(width, b" ")
 
 
+# VERSION DESCRIPTORs of the standard INQUIRY data (SPC-4 table 146), as LIO reports them. SBC-3
+# must be claimed: initiators and conformance suites read VPD 0xB0's 0x3C-byte layout (our
+# page), UNMAP and WRITE SAME semantics as SBC-3 only when it is.
+VERSION_SAM5 = 0x00A0
+VERSION_SPC4 = 0x0460
+VERSION_SBC3 = 0x04C0
+STANDARD_INQUIRY_LEN = 96  # with the version descriptors (bytes 58-73), as LIO answers
+
+
 def standard_inquiry(config: ScsiConfig) -> bytes:
-    buf = bytearray(36)
+    buf = bytearray(STANDARD_INQUIRY_LEN)
     buf[0] = 0x00  # peripheral qualifier 0, direct access block device
     buf[2] = 0x06  # SPC-4
     buf[3] = 0x12  # HISUP, response data format 2
@@ -72,6 +83,7 @@ def standard_inquiry(config: ScsiConfig) -> bytes:
     buf[8:16] = _ascii(config.vendor, 8)
     buf[16:32] = _ascii(config.product, 16)
     buf[32:36] = _ascii(config.revision, 4)
+    struct.pack_into(">HHH", buf, 58, VERSION_SAM5, VERSION_SPC4, VERSION_SBC3)
     return bytes(buf)
 
 

@@ -4,7 +4,14 @@ command, complete, kick.
 Commands that touch the backend run on a small worker pool, so a write that waits (a sync-mode
 write waiting for the peer's acknowledgement, a flush) does not hold up reads queued behind it;
 they complete out of order and the ring publishes them in ring order (see ring.py). Commands
-answered from memory (INQUIRY, MODE SENSE, ...) run on the loop thread.
+answered from memory (INQUIRY, MODE SENSE, ...) run on the loop thread, and so do READs
+(`inline_reads`, the default): a read never waits for the peer, and handing it to a worker
+costs two thread switches, more than the read itself (measured on the lab's real kernel). Every
+command the loop answers in one pass is published with one kick.
+
+Kicks from the workers are coalesced: a completion that finds a kick under way asks that kick
+to go once more instead of making its own write() to the uio device (each kick is a system call
+in which the kernel reaps every completed entry up to cmd_tail, so one covers many).
 
 Restart safety: a runner starts at the ring's current cmd_tail, so entries a dead process left
 between cmd_tail and cmd_head are served first; the ring never moves cmd_tail over an entry
@@ -17,11 +24,14 @@ import logging
 import queue
 import threading
 
+from targetd_repl.datapath import cdb as op
 from targetd_repl.datapath.ring import Command, Ring, RingError
 from targetd_repl.datapath.scsi import ScsiDevice, needs_worker
 from targetd_repl.datapath.uio import DeviceGone, Doorbell
 
 log = logging.getLogger(__name__)
+
+READ_OPCODES = frozenset({op.READ_6, op.READ_10, op.READ_12, op.READ_16})
 
 
 class Runner:
@@ -37,6 +47,7 @@ class Runner:
         workers: int = 4,
         name: str = "tcmu",
         idle_timeout: float = 1.0,
+        inline_reads: bool = True,
     ) -> None:
         self.ring = ring
         self.doorbell = doorbell
@@ -52,7 +63,15 @@ class Runner:
         self._queue: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._pool: list[threading.Thread] = []
         self._inflight = 0
-        self._idle = threading.Condition()
+        # A plain lock for the counters (taken twice per worker command); the condition on it
+        # only matters to wait_idle().
+        self._counts = threading.Lock()
+        self._idle = threading.Condition(self._counts)
+        # With inline_reads, READs run on the loop thread too (see the module docstring).
+        self._inline_reads = inline_reads
+        self._kick_lock = threading.Lock()
+        self._kicking = False
+        self._kick_again = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -117,9 +136,15 @@ class Runner:
             self.dispatched += len(commands)
             execute = self.device.execute
             complete = self.ring.complete
+            inline_reads = self._inline_reads
             for cmd in commands:
-                if self.workers and needs_worker(cmd.cdb[0]):
-                    with self._idle:
+                opcode = cmd.cdb[0]
+                if (
+                    self.workers
+                    and needs_worker(opcode)
+                    and not (inline_reads and opcode in READ_OPCODES)
+                ):
+                    with self._counts:
                         self._inflight += 1
                     self._queue.put(cmd)
                     continue
@@ -130,7 +155,7 @@ class Runner:
                     log.exception("%s: completing %r failed", self.name, cmd)
                 self.completed += 1
         if moved:
-            self._kick()
+            self._kick_coalesced()
         return len(commands)
 
     def _work(self) -> None:
@@ -143,15 +168,31 @@ class Runner:
             try:
                 result = execute(cmd.cdb, cmd.iovecs)
                 if complete(cmd, result.status, result.sense, result.data_in):
-                    self._kick()
+                    self._kick_coalesced()
             except Exception:  # a bug in the ring or doorbell; the command stays unanswered
                 log.exception("%s: completing %r failed", self.name, cmd)
             finally:
-                with self._idle:
+                with self._counts:
                     self._inflight -= 1
                     self.completed += 1
                     if self._inflight == 0:
                         self._idle.notify_all()
+
+    def _kick_coalesced(self) -> None:
+        """Kick for a completion that moved cmd_tail. If another thread is kicking, ask it to
+        kick once more (its kick may have read cmd_tail before our move) and return."""
+        with self._kick_lock:
+            if self._kicking:
+                self._kick_again = True
+                return
+            self._kicking = True
+        while True:
+            self._kick()
+            with self._kick_lock:
+                if not self._kick_again:
+                    self._kicking = False
+                    return
+                self._kick_again = False
 
     def _kick(self) -> None:
         try:

@@ -340,13 +340,19 @@ class ScsiDevice:
         if total_length(buffers) != nblocks * self.block_size:
             raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
         verify = opcode in (op.WRITE_AND_VERIFY_10, op.WRITE_AND_VERIFY_12, op.WRITE_AND_VERIFY_16)
-        held = self.locks.acquire(lba, nblocks)
-        try:
+        bytchk = verify and bool(cdb[1] & 0x02)
+        if self._atomic_caw is not None and not bytchk:
+            # The backend orders overlapping writes and makes its own COMPARE AND WRITE atomic
+            # against them (the engine's range lock): ours would only cost two more lock rounds.
             self.backend.write(lba, buffers)
-            if verify and cdb[1] & 0x02:  # BYTCHK: read back and compare
-                self._compare_medium(lba, nblocks, buffers)
-        finally:
-            self.locks.release(held)
+        else:
+            held = self.locks.acquire(lba, nblocks)
+            try:
+                self.backend.write(lba, buffers)
+                if bytchk:  # read back and compare, with no other write in between
+                    self._compare_medium(lba, nblocks, buffers)
+            finally:
+                self.locks.release(held)
         if not verify and opcode != op.WRITE_6 and cdb[1] & 0x08:  # FUA
             self.backend.flush()
         return RESULT_GOOD
@@ -458,7 +464,9 @@ class ScsiDevice:
         zeros = ndob
         block = b""
         if not ndob:
-            if total_length(buffers) < bs:
+            # Exactly one block of data-out: more is as wrong as less (the data-out of WRITE
+            # SAME is one logical block; libiscsi's WriteSame*.InvalidDataOutSize checks both).
+            if total_length(buffers) != bs:
                 raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
             block = gather(buffers, bs)
             zeros = block == self._zero_block
@@ -479,10 +487,15 @@ class ScsiDevice:
         self._check_protect(cdb)
         lba = be64(cdb, 2)
         nblocks = cdb[13]
-        if nblocks == 0:
-            return RESULT_GOOD
         if nblocks > self.config.max_compare_and_write_blocks:
             raise invalid_cdb(13)
+        if nblocks == 0:
+            # Zero blocks: nothing to do - unless data-out came with it, which makes the NUMBER
+            # OF LOGICAL BLOCKS field the wrong one (libiscsi's CompareAndWrite.Simple and
+            # .Miscompare expect INVALID FIELD IN CDB there, not GOOD).
+            if total_length(buffers):
+                raise invalid_cdb(13)
+            return RESULT_GOOD
         self._check_writable()
         self._check_range(lba, nblocks)
         half = nblocks * self.block_size

@@ -122,8 +122,8 @@ def test_short_data_in_through_the_loop_leaves_no_stale_bytes(kernel: FakeKernel
     runner = start_runner(kernel, MemoryBackend("vol1", 1 << 20))
     try:
         c = kernel.run(cdb_inquiry(255), data_in=255)
-        assert c.status == 0 and c.read_len == 36 and c.buffer is not None
-        assert STALE not in c.buffer[36:] and c.buffer[36:] == bytes(255 - 36)
+        assert c.status == 0 and c.read_len == 96 and c.buffer is not None
+        assert STALE not in c.buffer[96:] and c.buffer[96:] == bytes(255 - 96)
         c = kernel.run(cdb_rw(READ_10, 0, 1), data_in=3 * BS)  # larger than the CDB asks
         assert c.read_len == BS and c.buffer == bytes(3 * BS)
         c = kernel.run(bytes([0xEE]) + bytes(9), data_in=BS)  # unknown opcode

@@ -172,11 +172,12 @@ def test_request_sense_reports_no_sense(dev: ScsiDevice) -> None:
 def test_standard_inquiry(dev: ScsiDevice) -> None:
     result, data = run(dev, cdb_inquiry(255), data_in=255)
     good(result)
-    assert len(data) == 36 and data[4] == 31
+    assert len(data) == 96 and data[4] == 91
+    assert struct.unpack_from(">HHH", data, 58) == (0x00A0, 0x0460, 0x04C0)  # SAM-5 SPC-4 SBC-3
     assert data[0] == 0 and data[2] == 6 and data[3] & 0x0F == 2 and data[7] & 0x02
     assert data[8:16] == b"LIO-ORG " and data[16:32] == b"targetd-repl".ljust(16)
     result, data = run(dev, cdb_inquiry(5), data_in=5)
-    assert result.data_in == 5 and data[4] == 31  # truncated, the length field is not
+    assert result.data_in == 5 and data[4] == 91  # truncated, the length field is not
 
 
 def test_inquiry_invalid_fields(dev: ScsiDevice) -> None:
@@ -582,6 +583,7 @@ def test_write_same_invalid(dev: ScsiDevice, spy: Spy) -> None:
     check(run(dev, cdb_rw(WS_10, 0, 1, flags=0x02), data_out=pattern(1))[0], 5, 0x2400, field=1)
     check(run(dev, cdb_rw(WS_10, BLOCKS - 1, 2), data_out=pattern(1))[0], 5, 0x2100)
     check(run(dev, cdb_rw(WS_10, 0, 2), data_out=pattern(1)[:100])[0], 5, 0x0E03)
+    check(run(dev, cdb_rw(WS_16, 0, 2), data_out=pattern(2))[0], 5, 0x0E03)  # too much data-out
     assert spy.calls == []
 
 
@@ -615,6 +617,8 @@ def test_compare_and_write_multi_block_and_limits(spy: Spy) -> None:
     assert struct.unpack_from(">I", result.sense, 3)[0] == 2 * BS + 5
     good(run(dev, cdb_compare_and_write(0, 3), data_out=pattern(3) + pattern(3, 8))[0])
     good(run(dev, cdb_compare_and_write(0, 0))[0])  # zero blocks: nothing, not an error
+    # ... but zero blocks with data-out attached: the NUMBER OF LOGICAL BLOCKS field is wrong
+    check(run(dev, cdb_compare_and_write(0, 0), data_out=bytes(2 * BS))[0], 5, 0x2400, field=13)
     check(run(dev, cdb_compare_and_write(0, 5), data_out=bytes(10 * BS))[0], 5, 0x2400, field=13)
     check(run(dev, cdb_compare_and_write(0, 2), data_out=bytes(2 * BS))[0], 5, 0x0E03)
     check(run(dev, cdb_compare_and_write(BLOCKS - 1, 2), data_out=bytes(4 * BS))[0], 5, 0x2100)
