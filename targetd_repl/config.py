@@ -31,12 +31,31 @@ names exist. Every error is one line that names the key: `ConfigError`.
     [peers.b]                                   # one table per peer site
     address = "198.51.100.7:7700"               # its replication address
 
+    [export]                                    # optional: this controller owns the site's LIO
+    portals = ["0.0.0.0:3260"]                  # iSCSI portals, IP:port (default 0.0.0.0:3260)
+    demo_mode = false                           # labs only: any initiator, no ACL, no CHAP
+    workers = 4                                 # data path threads per LUN (0: the ring's own)
+    hw_max_sectors = 2048                       # largest command the kernel passes up (sectors)
+    cmd_time_out = 60                           # seconds LIO waits for the data path before it
+                                                # fails a command (covers a controller restart)
+
+    [[export.acls]]                             # one per initiator allowed in (not in demo mode)
+    initiator = "iqn.1993-08.org.debian:01:host1"
+    chap_userid = "host1"                       # optional CHAP: both or neither, and either
+    chap_password = "a-long-secret"             # every ACL has CHAP or none has
+
+Without `[export]` the controller touches no LIO object and runs no data path (volumes are
+reached through the control API only). With it, the controller exports every volume of the site
+as a LUN of its iSCSI target on a TCMU `user:` backstore, serves those LUNs in-process, and
+repairs configfs at every start (export.py).
+
 Relative paths are relative to the directory of the configuration file. Sizes are bytes, or a
 string with a K, M, G or T suffix (powers of 1024).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -51,6 +70,10 @@ DEFAULT_SOCKET_DIR = Path("/run/targetd-repl")
 DEFAULT_JOURNAL_SIZE_LIMIT = 1 << 30
 DEFAULT_JOURNAL_SEGMENT_SIZE = 64 << 20
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_PORTAL = ("0.0.0.0", 3260)
+DEFAULT_EXPORT_WORKERS = 4
+DEFAULT_HW_MAX_SECTORS = 2048  # 1 MiB: the optimal transfer length our VPD page B0 reports
+CHAP_MAX = 255
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -64,7 +87,14 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "replication": frozenset({"listen", "sync_timeout", "link_timeout", "copy_rate"}),
     "tls": frozenset({"ca", "cert", "key"}),
     "journal": frozenset({"size_limit", "segment_size"}),
+    "export": frozenset(
+        {"portals", "demo_mode", "acls", "workers", "hw_max_sectors", "cmd_time_out"}
+    ),
 }
+_ACL_KEYS = frozenset({"initiator", "chap_userid", "chap_password"})
+_INITIATOR = re.compile(
+    r"^(?:iqn\.\d{4}-\d{2}\.[^\s_A-Z]+|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?)$"
+)
 
 
 class ConfigError(InvalidArgument):
@@ -141,6 +171,27 @@ class ReplicationTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportAcl:
+    """An initiator allowed to log in to the site's target, with optional CHAP credentials."""
+
+    initiator: str
+    chap_userid: str | None = None
+    chap_password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSettings:
+    """The `[export]` section: how the controller exports the site's volumes through LIO."""
+
+    portals: tuple[tuple[str, int], ...] = (DEFAULT_PORTAL,)
+    demo_mode: bool = False
+    acls: tuple[ExportAcl, ...] = ()
+    workers: int = DEFAULT_EXPORT_WORKERS
+    hw_max_sectors: int = DEFAULT_HW_MAX_SECTORS
+    cmd_time_out: int | None = None  # None: the kernel's default (30 s)
+
+
+@dataclass(frozen=True, slots=True)
 class SiteSettings:
     name: str
     state_dir: Path
@@ -152,6 +203,7 @@ class SiteSettings:
     replication: ReplicationTuning = field(default_factory=ReplicationTuning)
     peers: Mapping[str, PeerSettings] = field(default_factory=dict)
     log_level: str = "info"
+    export: ExportSettings | None = None  # None: no [export] section, no LIO, no data path
     source: Path | None = None  # the file these settings came from
 
     @property
@@ -252,6 +304,110 @@ class _Reader:
             raise self.error(f"{section}.{key}", str(error)) from None
         return text
 
+    def boolean(self, table: Mapping[str, Any], section: str, key: str, default: bool) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(f"{section}.{key}", f"must be true or false, not {value!r}")
+        return value
+
+    def integer(
+        self, table: Mapping[str, Any], section: str, key: str, lowest: int, highest: int
+    ) -> int | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= highest:
+            raise self.error(
+                f"{section}.{key}", f"must be a whole number {lowest}-{highest}, not {value!r}"
+            )
+        return value
+
+
+def _parse_portal(text: str) -> tuple[str, int]:
+    """`ip:port` -> (ip, port); LIO binds portals to IP addresses, not host names."""
+    host, port = parse_address(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"invalid portal {text!r}: use an IP address, not a host name") from None
+    return host, port
+
+
+def _parse_acl(reader: _Reader, key: str, table: object) -> ExportAcl:
+    if not isinstance(table, dict):
+        raise reader.error(key, 'must be a table ([[export.acls]] with initiator = "iqn...")')
+    reader.check_keys(key, table, _ACL_KEYS)
+    initiator = reader.string(table, key, "initiator", required=True)
+    if not _INITIATOR.match(initiator):
+        raise reader.error(
+            f"{key}.initiator",
+            f"invalid initiator name {initiator!r}: an iqn./eui./naa. name, lower case, "
+            "no spaces or underscores",
+        )
+    userid = reader.string(table, key, "chap_userid", required=False) or None
+    password = reader.string(table, key, "chap_password", required=False) or None
+    if (userid is None) != (password is None):
+        missing = "chap_password" if password is None else "chap_userid"
+        raise reader.error(f"{key}.{missing}", "missing (CHAP needs a userid and a password)")
+    for name, value in (("chap_userid", userid), ("chap_password", password)):
+        if value is not None and (
+            len(value) > CHAP_MAX or value != value.strip() or " " in value or value == "NULL"
+        ):
+            raise reader.error(f"{key}.{name}", f"must be 1-{CHAP_MAX} characters, no spaces")
+    return ExportAcl(initiator, userid, password)
+
+
+def _parse_export(reader: _Reader, table: Mapping[str, Any]) -> ExportSettings:
+    reader.check_keys("export", table, _SECTIONS["export"])
+    portals: list[tuple[str, int]] = []
+    raw_portals = table.get("portals", [f"{DEFAULT_PORTAL[0]}:{DEFAULT_PORTAL[1]}"])
+    if not isinstance(raw_portals, list) or not raw_portals:
+        raise reader.error("export.portals", 'must be a non-empty list like ["0.0.0.0:3260"]')
+    for index, text in enumerate(raw_portals):
+        key = f"export.portals[{index}]"
+        if not isinstance(text, str):
+            raise reader.error(key, f'must be a string "ip:port", not {text!r}')
+        try:
+            portal = _parse_portal(text)
+        except ValueError as error:
+            raise reader.error(key, str(error)) from None
+        if portal in portals:
+            raise reader.error(key, f"portal {text} is listed twice")
+        portals.append(portal)
+    demo_mode = reader.boolean(table, "export", "demo_mode", False)
+    raw_acls = table.get("acls", [])
+    if not isinstance(raw_acls, list):
+        raise reader.error("export.acls", "must be a list of tables ([[export.acls]])")
+    acls = [_parse_acl(reader, f"export.acls[{i}]", t) for i, t in enumerate(raw_acls)]
+    if demo_mode and acls:
+        raise reader.error("export.acls", "demo mode lets any initiator in: give no ACLs with it")
+    if not demo_mode and not acls:
+        raise reader.error(
+            "export.acls",
+            "missing: list the initiators allowed in ([[export.acls]]), or set demo_mode = true "
+            "(labs only)",
+        )
+    seen: set[str] = set()
+    for index, acl in enumerate(acls):
+        if acl.initiator in seen:
+            raise reader.error(f"export.acls[{index}].initiator", f"{acl.initiator} has two ACLs")
+        seen.add(acl.initiator)
+    if len({acl.chap_userid is None for acl in acls}) > 1:
+        raise reader.error(
+            "export.acls", "either every ACL has CHAP credentials or none has (one TPG setting)"
+        )
+    workers = reader.integer(table, "export", "workers", 0, 64)
+    hw_max_sectors = reader.integer(table, "export", "hw_max_sectors", 8, 65536)
+    cmd_time_out = reader.integer(table, "export", "cmd_time_out", 0, 3600)
+    return ExportSettings(
+        portals=tuple(portals),
+        demo_mode=demo_mode,
+        acls=tuple(acls),
+        workers=DEFAULT_EXPORT_WORKERS if workers is None else workers,
+        hw_max_sectors=DEFAULT_HW_MAX_SECTORS if hw_max_sectors is None else hw_max_sectors,
+        cmd_time_out=cmd_time_out,
+    )
+
 
 def parse(
     data: Mapping[str, Any], *, where: str = "<string>", base_dir: Path = Path()
@@ -342,6 +498,10 @@ def parse(
         address = reader.address(table, key, "address", required=True, port_zero=False)
         peers[peer_name] = PeerSettings(peer_name, address)
 
+    export = None
+    if "export" in data:
+        export = _parse_export(reader, reader.section("export"))
+
     return SiteSettings(
         name=name,
         state_dir=state_dir,
@@ -353,6 +513,7 @@ def parse(
         replication=tuning,
         peers=peers,
         log_level=log_level.lower(),
+        export=export,
     )
 
 

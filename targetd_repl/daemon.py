@@ -5,13 +5,18 @@ down in the reverse order.
     control server      Unix socket (directory 0700, socket 0600), and TCP with mutual TLS if
                         configured: the control API (api/) and the health service
     replication server  TCP with mutual TLS: the manager's Replication servicer and health
+    export              with `[export]` only: the site's LIO target (repaired to match the
+                        metadata at start) and the in-process TCMU data path (export.py)
 
 Start, step by step: lock the state directory (one controller per site), open the engine, start
-the manager (it resumes every pair from persisted state), bind and start both servers, mark the
-health service SERVING, then write `<state_dir>/endpoints.json` atomically: its presence with our
-pid means "serving" (tests and tools read the bound port there). Stop: health NOT_SERVING, stop
-accepting and drain RPCs (grace period), stop the manager, close the engine, remove
-endpoints.json and the socket, unlock. A half-done start is undone the same way.
+the manager (it resumes every pair from persisted state) and the role manager, reconcile LIO and
+start the data path (with `[export]`; a host without LIO fails the start here with one LioError
+line), bind and start both servers, mark the health service SERVING, then write
+`<state_dir>/endpoints.json` atomically: its presence with our pid means "serving" (tests and
+tools read the bound port there). Stop: health NOT_SERVING, stop accepting and drain RPCs (grace
+period), stop the data path (in-flight SCSI commands finish; LIO objects stay, so initiators wait
+for the next start instead of losing the LUN), stop the role manager and the manager, close the
+engine, remove endpoints.json and the socket, unlock. A half-done start is undone the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,6 +60,9 @@ from targetd_repl.storage.engine import StorageEngine
 from targetd_repl.storage.fileutil import atomic_write
 from targetd_repl.storage.group_store import GroupSettings
 from targetd_repl.v1 import replication_pb2, replication_pb2_grpc
+
+if TYPE_CHECKING:
+    from targetd_repl.export import SiteExport
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +260,7 @@ class Controller:
         self._stack.callback(manager.stop)
         roles.resume()
         self._stack.callback(roles.stop)
+        export = self._start_export(engine)
 
         # Replication: TCP with mutual TLS.
         replication = grpc.server(
@@ -292,6 +301,7 @@ class Controller:
             endpoints=endpoints,
             peers={p.name: p.address for p in s.peers.values()},
             roles=roles,
+            export=export,
         )
         control_services = control_servicer.add_to_server(service, control)
         control_health = _health(control, control_services)
@@ -321,6 +331,19 @@ class Controller:
             len(engine.metadata.list_pairs()),
         )
         return endpoints
+
+    def _start_export(self, engine: StorageEngine) -> SiteExport | None:
+        """With `[export]`: reconcile LIO with the metadata and serve the LUNs in-process."""
+        s = self._settings
+        if s.export is None:
+            return None
+        # rtslib and pyudev: only a site that exports needs them.
+        from targetd_repl.export import SiteExport  # noqa: PLC0415
+
+        export = SiteExport(engine, s.name, s.export)
+        export.start()
+        self._stack.callback(export.stop)
+        return export
 
     def _write_endpoints(self, endpoints: Endpoints) -> None:
         document = {

@@ -4,14 +4,20 @@ replication manager, with domain types in and out. No protobuf, no gRPC here: th
 
 Byte ranges of `write`/`read` are checked against the volume's block size here, then handed to
 `StorageEngine.write/read`, the entry point the TCMU handler uses too.
+
+When the site exports its volumes (`[export]`, export.py), every volume change (create, resize,
+delete, move into a group) runs inside `export.changing(...)`: the LUNs of the groups involved
+pause while the engine reopens them, and LIO is reconciled with the metadata afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +49,14 @@ MAX_IO_BYTES = 4 << 20  # one Io.Write / Io.Read moves at most this much
 
 
 # --- what the service needs from replication (filled by replication.manager) ----------------------
+
+
+class ExportHooks(Protocol):
+    """The site's LIO export (export.SiteExport), as the service drives it."""
+
+    def changing(
+        self, *, volumes: Sequence[str] = (), groups: Sequence[str] = ()
+    ) -> AbstractContextManager[None]: ...
 
 
 class PairStatusView(Protocol):
@@ -178,8 +192,10 @@ class ControlService:
         endpoints: Endpoints,
         peers: Mapping[str, str],
         roles: RoleManager | None = None,
+        export: ExportHooks | None = None,
     ) -> None:
         self._engine = engine
+        self._export = export
         self._replication = replication
         self._roles = roles
         self._site = site
@@ -188,6 +204,14 @@ class ControlService:
         self._started_at = time.time()
 
     # --- volumes -------------------------------------------------------------------------------
+
+    def _changing(
+        self, *, volumes: Sequence[str] = (), groups: Sequence[str] = ()
+    ) -> AbstractContextManager[None]:
+        """Around a volume change: the export pauses and re-exports what it touches (if any)."""
+        if self._export is None:
+            return contextlib.nullcontext()
+        return self._export.changing(volumes=volumes, groups=groups)
 
     def _volume_view(self, info: VolumeInfo, groups: Mapping[int, str] | None = None) -> VolumeView:
         if groups is not None and info.group_id is not None:
@@ -205,7 +229,8 @@ class ControlService:
             raise InvalidArgument(f"volume {name!r}: size must be positive, not {size_bytes}")
         if any(v.name == name for v in self._engine.list_volumes()):
             raise AlreadyExists(f"volume {name!r} already exists")
-        info = self._engine.create_volume(name, size_bytes, block_size=block_size, group=group)
+        with self._changing(volumes=[name], groups=[group] if group else []):
+            info = self._engine.create_volume(name, size_bytes, block_size=block_size, group=group)
         view = self._volume_view(info)
         log.info(
             "volume %s created: %d bytes, block size %d, group %s",
@@ -229,12 +254,14 @@ class ControlService:
         if size_bytes <= 0:
             raise InvalidArgument(f"volume {name!r}: size must be positive, not {size_bytes}")
         old = self._engine.metadata.get_volume(name)
-        info = self._engine.resize_volume(name, size_bytes)
+        with self._changing(volumes=[name]):
+            info = self._engine.resize_volume(name, size_bytes)
         log.info("volume %s resized: %d -> %d bytes", name, old.size_bytes, size_bytes)
         return self._volume_view(info)
 
     def delete_volume(self, name: str) -> None:
-        self._engine.delete_volume(name)
+        with self._changing(volumes=[name]):
+            self._engine.delete_volume(name)
         log.info("volume %s deleted", name)
 
     # --- groups --------------------------------------------------------------------------------
@@ -245,7 +272,8 @@ class ControlService:
         return self._group_view(name)
 
     def add_volume(self, group: str, volume: str) -> VolumeView:
-        info = self._engine.move_volume(volume, group)
+        with self._changing(volumes=[volume], groups=[group]):
+            info = self._engine.move_volume(volume, group)
         log.info("volume %s moved into group %s", volume, group)
         return self._volume_view(info)
 

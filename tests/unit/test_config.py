@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from targetd_repl.config import (
+    DEFAULT_EXPORT_WORKERS,
+    DEFAULT_HW_MAX_SECTORS,
     DEFAULT_JOURNAL_SEGMENT_SIZE,
     DEFAULT_JOURNAL_SIZE_LIMIT,
     ConfigError,
+    ExportAcl,
+    ExportSettings,
     load,
     parse_address,
     parse_size,
@@ -205,3 +209,110 @@ def test_load_missing_tls_file(tmp_path: Path) -> None:
     (tmp_path / "certs" / "a.key").unlink()
     with pytest.raises(ConfigError, match=r"tls\.key: no such file: .*a\.key$"):
         load(path)
+
+
+# --- [export] ------------------------------------------------------------------------------------
+
+
+def test_no_export_section_means_no_export() -> None:
+    assert parse_text(GOOD).export is None
+
+
+def test_export_demo_mode_with_defaults() -> None:
+    s = parse_text(GOOD + "[export]\ndemo_mode = true\n")
+    assert s.export == ExportSettings(
+        portals=(("0.0.0.0", 3260),),
+        demo_mode=True,
+        acls=(),
+        workers=DEFAULT_EXPORT_WORKERS,
+        hw_max_sectors=DEFAULT_HW_MAX_SECTORS,
+        cmd_time_out=None,
+    )
+
+
+def test_export_every_setting() -> None:
+    s = parse_text(
+        GOOD
+        + """
+[export]
+portals = ["192.0.2.10:3260", "[2001:db8::1]:3261"]
+workers = 0
+hw_max_sectors = 256
+cmd_time_out = 90
+
+[[export.acls]]
+initiator = "iqn.1993-08.org.debian:01:host1"
+chap_userid = "host1"
+chap_password = "secret-one"
+
+[[export.acls]]
+initiator = "iqn.1991-05.com.microsoft:win1"
+chap_userid = "win1"
+chap_password = "secret-two"
+"""
+    )
+    assert s.export is not None
+    assert s.export.portals == (("192.0.2.10", 3260), ("2001:db8::1", 3261))
+    assert not s.export.demo_mode
+    assert (s.export.workers, s.export.hw_max_sectors, s.export.cmd_time_out) == (0, 256, 90)
+    assert s.export.acls == (
+        ExportAcl("iqn.1993-08.org.debian:01:host1", "host1", "secret-one"),
+        ExportAcl("iqn.1991-05.com.microsoft:win1", "win1", "secret-two"),
+    )
+    assert "secret" not in repr(s.export)  # passwords stay out of logs
+
+
+def test_export_acl_without_chap() -> None:
+    s = parse_text(GOOD + '[[export.acls]]\ninitiator = "iqn.2020-01.org.example:h"\n')
+    assert s.export is not None
+    assert s.export.acls == (ExportAcl("iqn.2020-01.org.example:h"),)
+
+
+_ACL = '[[export.acls]]\ninitiator = "iqn.2020-01.org.example:h"\n'
+BAD_EXPORT: list[tuple[str, str]] = [
+    ("[export]\n", r"export\.acls: missing: list the initiators allowed in"),
+    ("[export]\ndemo_mode = 1\n", r"export\.demo_mode: must be true or false, not 1"),
+    ("[export]\ndemo_mode = true\nportal = 1\n", r"export\.portal: unknown key \(known: "),
+    ("[export]\ndemo_mode = true\nportals = []\n", r"export\.portals: must be a non-empty list"),
+    ("[export]\ndemo_mode = true\nportals = \"0.0.0.0:3260\"\n",
+     r"export\.portals: must be a non-empty list"),
+    ("[export]\ndemo_mode = true\nportals = [\"0.0.0.0\"]\n",
+     r"export\.portals\[0\]: invalid address '0\.0\.0\.0': use host:port"),
+    ("[export]\ndemo_mode = true\nportals = [\"san.example:3260\"]\n",
+     r"export\.portals\[0\]: invalid portal 'san\.example:3260': use an IP address"),
+    ("[export]\ndemo_mode = true\nportals = [\"0.0.0.0:0\"]\n",
+     r"export\.portals\[0\]: invalid address .*port must be 1-65535"),
+    ("[export]\ndemo_mode = true\nportals = [\"0.0.0.0:3260\", \"0.0.0.0:3260\"]\n",
+     r"export\.portals\[1\]: portal 0\.0\.0\.0:3260 is listed twice"),
+    ("[export]\ndemo_mode = true\nportals = [3260]\n", r"export\.portals\[0\]: must be a string"),
+    ("[export]\ndemo_mode = true\nworkers = -1\n", r"export\.workers: must be a whole number 0-64"),
+    ("[export]\ndemo_mode = true\nworkers = 2.5\n", r"export\.workers: must be a whole number"),
+    ("[export]\ndemo_mode = true\nhw_max_sectors = 4\n", r"export\.hw_max_sectors: must be"),
+    ("[export]\ndemo_mode = true\ncmd_time_out = true\n", r"export\.cmd_time_out: must be a whole"),
+    ("[export]\ndemo_mode = true\n" + _ACL, r"export\.acls: demo mode lets any initiator in"),
+    ("[export]\nacls = 1\n", r"export\.acls: must be a list of tables"),
+    ('[[export.acls]]\ninitiator = "Host1"\n',
+     r"export\.acls\[0\]\.initiator: invalid initiator name 'Host1'"),
+    ('[[export.acls]]\ninitiator = "iqn.2020-01.org.example:my_host"\n',
+     r"export\.acls\[0\]\.initiator: invalid initiator name"),
+    ("[[export.acls]]\nchap_userid = \"u\"\n", r"export\.acls\[0\]\.initiator: missing"),
+    (_ACL + 'chap_userid = "u"\n',
+     r"export\.acls\[0\]\.chap_password: missing \(CHAP needs a userid and a password\)"),
+    (_ACL + 'chap_password = "p"\n', r"export\.acls\[0\]\.chap_userid: missing"),
+    (_ACL + 'chap_userid = "u"\nchap_password = "two words"\n',
+     r"export\.acls\[0\]\.chap_password: must be 1-255 characters, no spaces"),
+    (_ACL + 'chap_user = "u"\n', r"export\.acls\[0\]\.chap_user: unknown key"),
+    (_ACL + _ACL, r"export\.acls\[1\]\.initiator: iqn\.2020-01\.org\.example:h has two ACLs"),
+    (_ACL + 'chap_userid = "u"\nchap_password = "p"\n'
+     + '[[export.acls]]\ninitiator = "iqn.2020-01.org.example:g"\n',
+     r"export\.acls: either every ACL has CHAP credentials or none has"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("section", "pattern"), BAD_EXPORT)
+def test_bad_export_is_one_line_naming_the_key(section: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern) as caught:
+        parse_text(GOOD + section, where="site.toml")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("config site.toml: ")
