@@ -5,6 +5,8 @@ list                         the scenarios and what they prove
 run SCENARIO [--timeout S] [--kvm auto|on|off] [--mem MB] [--smp N] [--json]
 run --all                    every scenario, one guest each
 run script --script FILE     run FILE with the venv's Python inside a guest (exploration)
+
+Two-site scenarios (`list` shows their sites) boot two guests on a private network.
 """
 
 from __future__ import annotations
@@ -19,11 +21,29 @@ from pathlib import Path
 
 from targetd_repl.lab.errors import LabError
 from targetd_repl.lab.prepare import prepare
-from targetd_repl.lab.qemu import DEFAULT_MEM_MB, DEFAULT_SMP, ScenarioResult, run_scenario
+from targetd_repl.lab.qemu import (
+    DEFAULT_MEM_MB,
+    DEFAULT_PAIR_MEM_MB,
+    DEFAULT_PAIR_SMP,
+    DEFAULT_SMP,
+    PairResult,
+    ScenarioResult,
+    run_pair_scenario,
+    run_scenario,
+)
 from targetd_repl.lab.registry import load_all
 
 
-def _summary(result: ScenarioResult) -> dict[str, object]:
+def _summary(result: ScenarioResult | PairResult) -> dict[str, object]:
+    if isinstance(result, PairResult):
+        return {
+            "scenario": result.name,
+            "ok": result.ok,
+            "accel": result.accel,
+            "duration_s": result.duration_s,
+            "sites": {site: _summary(one) for site, one in result.sites.items()},
+            "run_dir": str(result.run_dir),
+        }
     return {
         "scenario": result.name,
         "ok": result.ok,
@@ -50,8 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--all", action="store_true", help="run every scenario")
     run.add_argument("--timeout", type=float, default=None, help="seconds, boot included")
     run.add_argument("--kvm", choices=("auto", "on", "off"), default="auto")
-    run.add_argument("--mem", type=int, default=DEFAULT_MEM_MB, help="guest memory in MiB")
-    run.add_argument("--smp", type=int, default=DEFAULT_SMP, help="guest CPUs")
+    run.add_argument(
+        "--mem",
+        type=int,
+        default=None,
+        help=f"guest memory in MiB (default {DEFAULT_MEM_MB}, two-site {DEFAULT_PAIR_MEM_MB})",
+    )
+    run.add_argument(
+        "--smp",
+        type=int,
+        default=None,
+        help=f"guest CPUs (default {DEFAULT_SMP}, two-site {DEFAULT_PAIR_SMP} each)",
+    )
     run.add_argument("--script", help="for the `script` scenario: a Python file to run")
     run.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
@@ -66,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "list":
             for name, spec in sorted(load_all().items()):
-                print(f"{name:24} {spec.doc}")
+                sites = f"[sites {' '.join(spec.sites)}] " if spec.sites else ""
+                print(f"{name:24} {sites}{spec.doc}")
             return 0
         if args.all == bool(args.scenario):
             parser.error("run takes a SCENARIO or --all")
@@ -77,17 +108,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = {"script.py": Path(args.script)} if args.script else None
         failed = 0
         summaries = []
+        scenarios = load_all()
         for name in names:
+            result: ScenarioResult | PairResult
             try:
-                result = run_scenario(
-                    name,
-                    args.timeout,
-                    kvm=args.kvm,
-                    mem_mb=args.mem,
-                    smp=args.smp,
-                    params=params,
-                    files=files,
-                )
+                if name in scenarios and scenarios[name].sites:
+                    result = run_pair_scenario(
+                        name,
+                        args.timeout,
+                        kvm=args.kvm,
+                        mem_mb=args.mem or DEFAULT_PAIR_MEM_MB,
+                        smp=args.smp or DEFAULT_PAIR_SMP,
+                        params=params,
+                    )
+                else:
+                    result = run_scenario(
+                        name,
+                        args.timeout,
+                        kvm=args.kvm,
+                        mem_mb=args.mem or DEFAULT_MEM_MB,
+                        smp=args.smp or DEFAULT_SMP,
+                        params=params,
+                        files=files,
+                    )
             except LabError as exc:
                 failed += 1
                 print(str(exc), file=sys.stderr)

@@ -9,6 +9,12 @@ read-write 9p share the host reads back):
     dmesg.txt      the guest kernel log (the console gets only emergencies: `dmesg -n 1`)
 
 The exit status is 0 when the scenario passed.
+
+In a two-site run (kernel parameter `lab_site`, see `sites`) the runner also mounts the shared
+rendezvous directory, gives the guest its own hostname and initiator name, brings its NIC up
+with its static address, meets the peer (`_net_up` barrier, then a ping), runs the scenario with
+`ctx.site` set, and meets the peer again (`_done`) before the cleanups, so that neither guest
+tears down what the other still uses. A failure is signalled to the peer (`_failed`) at once.
 """
 
 from __future__ import annotations
@@ -32,6 +38,16 @@ from targetd_repl.lab import initiator
 from targetd_repl.lab.errors import ScenarioAssertion
 from targetd_repl.lab.prepare import MODULES_DONE
 from targetd_repl.lab.registry import load_all
+from targetd_repl.lab.sites import (
+    SHARED_MOUNT,
+    PeerFailed,
+    Rendezvous,
+    SiteInfo,
+    configure_network,
+    mount_shared,
+    ping,
+    set_identity,
+)
 
 log = logging.getLogger("targetd_repl.lab.guest")
 
@@ -48,13 +64,35 @@ def uptime_s() -> float:
 
 @dataclass
 class GuestContext:
-    """What a scenario gets: a results directory, a logger, timers and a cleanup stack."""
+    """What a scenario gets: a results directory, a logger, timers and a cleanup stack; in a
+    two-site run also `site` (its name, address, peer) and the rendezvous with the peer."""
 
     out: Path
     log: logging.Logger
     timings: dict[str, float] = field(default_factory=dict)
     cleanups: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    site: SiteInfo | None = None
+    rendezvous: Rendezvous | None = None
+
+    def _meeting(self) -> Rendezvous:
+        if self.rendezvous is None:
+            raise ScenarioAssertion("signal/wait_for need a two-site run (run_pair_scenario)")
+        return self.rendezvous
+
+    def signal(self, name: str, data: Any = None) -> None:
+        """Two-site runs: tell the peer that `name` happened, with JSON-able `data` (once)."""
+        self._meeting().signal(name, data)
+
+    def wait_for(self, name: str, timeout: float = 120.0, *, site: str | None = None) -> Any:
+        """Two-site runs: wait for the peer's `signal(name, data)`, return its data. Raises
+        PeerFailed at once if the peer fails or dies, ScenarioAssertion after `timeout`."""
+        return self._meeting().wait_for(name, timeout, site=site)
+
+    def barrier(self, name: str, data: Any = None, timeout: float = 120.0) -> Any:
+        """Two-site runs: signal `name` and wait for the peer's; returns the peer's data."""
+        meeting = self._meeting()
+        return meeting.barrier(name, data, timeout)[meeting.peers[0]]
 
     def run(
         self,
@@ -152,6 +190,31 @@ def wait_for_modules(timeout: float = 180) -> float | None:
     return None
 
 
+def _join_sites(ctx: GuestContext, site: SiteInfo) -> dict[str, Any]:
+    """Two-site runs: rendezvous share, identity, network up, peer met and pinged."""
+    with ctx.timed("site_setup"):
+        mount_shared()
+        ctx.rendezvous = Rendezvous(SHARED_MOUNT, site.name, tuple(site.peers), log=ctx.log)
+        ctx.site = site
+        initiator_name = set_identity(site)
+        net = configure_network(site)
+    ctx.log.info("site %s: %s, initiator %s", site.name, net, initiator_name)
+    with ctx.timed("peer_meet"):
+        ctx.rendezvous.barrier("_net_up", {"uptime": uptime_s()}, timeout=_time_left(300))
+    with ctx.timed("peer_ping"):
+        rtt = ping(site.peer_address)
+    ctx.log.info("site %s reaches %s (%s): %.2f ms", site.name, site.peer, site.peer_address, rtt)
+    return {**net, "initiator_name": initiator_name, "ping_ms": rtt, "peers": site.peers}
+
+
+def _time_left(default: float) -> float:
+    """Seconds until the guest's watchdog deadline (a little less), else `default`."""
+    deadline = param("deadline")
+    if not deadline:
+        return default
+    return max(5.0, float(deadline) - uptime_s() - 5)
+
+
 def run(name: str, out: Path, boot_s: float | None, modules_s: float | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "scenario.log")
@@ -190,16 +253,36 @@ def run(name: str, out: Path, boot_s: float | None, modules_s: float | None) -> 
             uptime_s(),
             modules_s,
         )
+        site = SiteInfo.from_env()
+        if bool(spec.sites) != (site is not None):
+            raise ScenarioAssertion(
+                f"scenario {name} is for sites {spec.sites or 'none'}, this guest is site "
+                f"{site.name if site else 'none'} (two-site scenarios use run_pair_scenario)"
+            )
+        if site is not None:
+            result["site"] = site.name
+            result["network"] = _join_sites(ctx, site)
         with ctx.cleanups:
-            if "iscsid" in spec.needs:
-                with ctx.timed("iscsid_start"):
-                    initiator.start_iscsid(ctx)
-            result["data"] = spec.func(ctx)
+            try:
+                if "iscsid" in spec.needs:
+                    with ctx.timed("iscsid_start"):
+                        initiator.start_iscsid(ctx)
+                result["data"] = spec.func(ctx)
+            except BaseException as exc:
+                if ctx.rendezvous is not None:  # the peer stops waiting for us now
+                    ctx.rendezvous.fail(f"{type(exc).__name__}: {exc}")
+                raise
+            if ctx.rendezvous is not None:
+                # before the cleanups: the peer may still use our target, or we its
+                with ctx.timed("peer_done"), contextlib.suppress(PeerFailed):
+                    ctx.rendezvous.barrier("_done", timeout=_time_left(600))
         result["ok"] = True
     except BaseException as exc:  # the result must be written whatever happened
         log.exception("scenario %s failed", name)
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()
+        if ctx.rendezvous is not None:
+            ctx.rendezvous.fail(result["error"])
     finally:
         result["timings"] = {
             "boot_s": boot_s,

@@ -7,6 +7,7 @@ Everything lands in one cache directory (default `<repo>/.lab/`, or env TARGETD_
     kernel/<ver>/vmlinux                     the ELF kernel extracted from vmlinuz (PVH boot)
     initramfs-<ver>-<hash>.cpio              busybox + the modules that mount the root, + /init
     guest-modules-<ver>.txt                  stage 2's insmod list (modprobe --show-depends order)
+    guest-net-modules-<ver>.txt              the NIC driver's list, loaded by two-site guests only
     guest-init.sh                            stage 2: PID 1 inside the guest, in the host userland
 
 The guest boots like this: the initramfs `/init` (stage 1) loads virtio-pci, 9p and overlay in
@@ -15,7 +16,9 @@ overlay on top, mounts the read-write `results` share at /lab-results, bind-moun
 kernel's modules at /lib/modules/<ver> (so plain `modprobe` works in the guest) and
 `switch_root`s into the host's own userland, where `guest-init.sh` (stage 2) loads the target and
 initiator modules, mounts configfs and runs the scenario with the host's Python (the project's
-venv, same absolute path). `prepare()` is idempotent: a second call only checks the cache.
+venv, same absolute path). A two-site guest (kernel parameter `lab_site`) first loads the
+virtio-net driver (NET_MODULES); single-site guests have no NIC and skip it. `prepare()` is
+idempotent: a second call only checks the cache.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ GUEST_MODULES = (
     "sd_mod",
     "sg",
 )
+
+# Two-site guests only (`lab_site` set): the NIC of the private guest-to-guest network.
+NET_MODULES = ("virtio_net",)
 
 NINEP_MSIZE = 262144
 MODULES_DONE = "/run/lab-modules-loaded"  # in the guest: its uptime when the modules were in
@@ -121,12 +127,21 @@ dmesg -n 1
 mkdir -p /etc/target/pr /etc/target/alua
 # The modules of {modules}, dependencies first (modprobe --show-depends, computed by prepare),
 # loaded in the background while Python starts; the guest runner waits for MODULES_DONE.
-(
+# A two-site guest ($lab_site set) loads its NIC driver ({net_modules}) first.
+load_list() {{
     while read -r ko; do
         name=$(basename "$ko" .ko | tr - _)
         [ -d "/sys/module/$name" ] || insmod "/lib/modules/{kver}/$ko" \
             || echo "lab: insmod $ko failed"
-    done < "{modlist}"
+    done < "$1"
+}}
+(
+    if [ -n "$lab_site" ] && [ -s "{net_modlist}" ]; then
+        load_list "{net_modlist}"
+    elif [ -n "$lab_site" ]; then
+        echo "lab: no NIC driver list {net_modlist}"
+    fi
+    load_list "{modlist}"
     grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs configfs /sys/kernel/config
     uptime_s > {modules_done}.tmp && mv {modules_done}.tmp {modules_done}
     echo "lab: modules loaded at $(uptime_s) s"
@@ -281,10 +296,20 @@ def stage1_script(kver: str, moddir: Path, modules: list[Path]) -> str:
     return STAGE1_TEMPLATE.format(insmods=insmods, msize=NINEP_MSIZE, kver=kver, moddir=moddir)
 
 
-def stage2_script(kver: str, modlist: Path) -> str:
+def stage2_script(kver: str, modlist: Path, net_modlist: Path | None = None) -> str:
     return STAGE2_SCRIPT.format(
-        modules=" ".join(GUEST_MODULES), kver=kver, modlist=modlist, modules_done=MODULES_DONE
+        modules=" ".join(GUEST_MODULES),
+        kver=kver,
+        modlist=modlist,
+        modules_done=MODULES_DONE,
+        net_modules=" ".join(NET_MODULES),
+        net_modlist=net_modlist or modlist.with_name(f"guest-net-modules-{kver}.txt"),
     )
+
+
+def net_modules_list(lab_dir: str | Path, kver: str) -> Path:
+    """Where `prepare()` writes the NIC driver's insmod list (empty when the kernel lacks it)."""
+    return Path(lab_dir) / f"guest-net-modules-{kver}.txt"
 
 
 def extract_vmlinux(vmlinuz: Path, target: Path) -> None:
@@ -376,8 +401,17 @@ def prepare(cache: Path | None = None) -> LabImage:
     _write_if_changed(
         modlist, "".join(f"{ko.relative_to(moddir)}\n" for ko in guest_modules), 0o644
     )
+    net_modlist = net_modules_list(cache, kver)
+    try:
+        net_modules = module_load_order(kroot, kver, NET_MODULES)
+    except LabError as exc:  # single-site guests need no NIC; two-site runs refuse an empty list
+        log.warning("lab: no NIC driver in %s: %s", kver, exc)
+        net_modules = []
+    _write_if_changed(
+        net_modlist, "".join(f"{ko.relative_to(moddir)}\n" for ko in net_modules), 0o644
+    )
     stage2 = cache / "guest-init.sh"
-    _write_if_changed(stage2, stage2_script(kver, modlist), 0o755)
+    _write_if_changed(stage2, stage2_script(kver, modlist, net_modlist), 0o755)
     image = LabImage(
         lab_dir=str(cache),
         kernel_version=kver,
