@@ -400,18 +400,25 @@ def twosite_roles(ctx: GuestContext) -> dict[str, Any]:
 def summary(sites: dict[str, dict[str, Any]]) -> list[str]:
     """The human story of a `twosite_roles` run from both halves' data (for `make demo`)."""
     a, b = sites["a"], sites["b"]
+    failover = b.get("failover") or {}
     failback = b.get("failback") or {}
+    switchover = a.get("switchover") or {}
+
+    def took(step: dict[str, Any], site: dict[str, Any], name: str) -> str:
+        # the command's own time, then the step's wall time under TCG (CLI start-up, waits)
+        return f"{step.get('elapsed_seconds', 0):.1f} s ({site['steps'].get(name, 0):.0f} s step)"
+
     lines = [
         f"initial copy a -> b: {a['steps'].get('a_volume_and_pair', 0):.1f} s",
         f"ext4 + {len(a['files']) - len(b['files_written'])} files on a through open-iscsi: "
         f"{a['steps'].get('a_mkfs_and_files', 0):.1f} s",
-        f"site a killed (-9); failover on b: {b['steps'].get('b_failover', 0):.1f} s "
-        f"(writable after {(b.get('failover') or {}).get('promoted_seconds', 0):.3f} s)",
+        f"site a killed (-9); failover on b: {took(failover, b, 'b_failover')}, "
+        f"writable after {failover.get('promoted_seconds', 0):.3f} s",
         f"b: fsck clean, a's files intact, {len(b['files_written'])} files written",
         f"a returns fenced: write refused (dd exit {a['fenced_write']['dd_exit']})",
-        f"failback b -> a: {b['steps'].get('b_failback', 0):.1f} s, "
+        f"failback b -> a: {took(failback, b, 'b_failback')}, "
         f"{failback.get('total_bytes', 0) / MiB:.1f} MiB moved (volume {VOLUME_SIZE // MiB} MiB)",
-        f"switchover home to a: {a['steps'].get('a_switchover', 0):.1f} s",
+        f"switchover home to a: {took(switchover, a, 'a_switchover')}",
         f"images equal: {a['images_equal']} ({a['device_sha256'][:16]}...)",
     ]
     return lines
