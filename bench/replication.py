@@ -13,7 +13,9 @@ Prints one JSON object:
   lag_p99_ms: replication lag (a write's acknowledgement at the primary to the peer's durable
       receipt acknowledged back) at half the maximum write rate, 99th percentile (goal <= 100).
   sync_latency_vs_async: median latency of one writer, sync pair over async pair.
-The absolute figures (MB/s, writes/s, ms) are printed beside the ratios.
+The absolute figures (MB/s, writes/s, ms) are printed beside the ratios, and the CPU seconds
+each site's process spent per GB shipped (ship_cpu_s_per_gb_primary / _secondary): on a shared,
+noisy machine the wall-clock ratios swing, the CPU cost per byte much less.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class _Site:
         self.port = add_port(self.server, "127.0.0.1:0", None)
         self.server.start()
         self.manager.start()
+        self.peer_pid = 0  # the other site's process (set by _sites)
 
     def close(self) -> None:
         self.manager.stop()
@@ -95,6 +98,7 @@ def _sites(base: Path, mode: PairMode | None) -> Iterator[_Site]:
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
+        a.peer_pid = child.pid
         a.manager.set_peer_address("site-b", f"127.0.0.1:{port}")
         a.engine.create_group("g")
         a.engine.create_volume("v", VOLUME_SIZE, group="g")
@@ -123,8 +127,15 @@ def _tmpfs() -> Path:
 # --- ship_vs_tcp ------------------------------------------------------------------------------
 
 
-def _ship(base: Path, total: int, record: int) -> tuple[float, int]:
-    """Seconds to ship a backlog of `total` bytes in `record`-byte writes, and bytes shipped."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ship(base: Path, total: int, record: int) -> tuple[float, int, float, float]:
+    """Seconds to ship a backlog of `total` bytes in `record`-byte writes, bytes shipped, and
+    the CPU seconds the primary's and the secondary's processes spent meanwhile."""
     with _sites(base, PairMode.ASYNC) as a:
         a.manager.suspend("g")
         store = a.engine.group("g")
@@ -152,10 +163,13 @@ def _ship(base: Path, total: int, record: int) -> tuple[float, int]:
             t.join()
         last = store.journal.durable_seq
         shipped = (last - first + 1) * (record + 64)
+        cpu_a, cpu_b = _cpu_seconds(os.getpid()), _cpu_seconds(a.peer_pid)
         started = time.perf_counter()
         a.manager.resume("g")
         _wait(a, lambda s: s.acked_seq >= last, 300)
-        return time.perf_counter() - started, shipped
+        elapsed = time.perf_counter() - started
+        used_a = _cpu_seconds(os.getpid()) - cpu_a
+        return elapsed, shipped, used_a, _cpu_seconds(a.peer_pid) - cpu_b
 
 
 def _tcp_copy(total: int, chunk: int = 1 << 20) -> float:
@@ -276,8 +290,10 @@ def run(quick: bool = False, directory: Path | None = None) -> dict[str, float |
     seconds = 1.5 if quick else 5.0
     result: dict[str, float | int | str] = {"replication_quick": int(quick)}
 
-    ship_s, shipped = _ship(tmpfs, total, 64 << 10)
+    ship_s, shipped, cpu_a, cpu_b = _ship(tmpfs, total, 64 << 10)
     tcp_s = _tcp_copy(shipped)
+    result["ship_cpu_s_per_gb_primary"] = cpu_a / (shipped / 1e9)
+    result["ship_cpu_s_per_gb_secondary"] = cpu_b / (shipped / 1e9)
     result["ship_mb_s"] = shipped / ship_s / 1e6
     result["tcp_mb_s"] = shipped / tcp_s / 1e6
     result["ship_vs_tcp"] = tcp_s / ship_s

@@ -15,8 +15,9 @@ served from memory or a file (no journal).
 SIGUSR1 demotes: with `--engine`, every group becomes SECONDARY (GroupStore.set_role; the LUN
 answers writes with DATA PROTECT / WRITE PROTECTED and MODE SENSE reports WP); otherwise every
 LUN turns read-only. SIGUSR2 promotes back (PRIMARY / writable). `--read-only` starts demoted.
-Nothing on the LIO side changes. SIGINT/SIGTERM stop after in-flight commands finish; the engine
-is then checkpointed and closed.
+Nothing on the LIO side changes. An engine's role is stored in its metadata: it outlives the
+process (a restart without `--read-only` serves a demoted group read-only until SIGUSR2).
+SIGINT/SIGTERM stop after in-flight commands finish; the engine is then checkpointed and closed.
 """
 
 from __future__ import annotations
@@ -204,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=_memory_spec, action="append", default=[])
     parser.add_argument("--file", type=_file_spec, action="append", default=[])
     parser.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="threads for backend commands (flushes, UNMAP, ...; with --engine each ring poll's "
+        "WRITEs go to one of them as one journal group commit); 0 runs everything on the "
+        "ring's own thread: fastest under emulation, but reads then wait behind each batch's "
+        "fdatasync and, on a sync pair, behind the peer's acknowledgement",
+    )
     parser.add_argument("--read-only", action="store_true", help="start with every LUN read-only")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)

@@ -23,6 +23,9 @@ Contract
 * Calls come from several worker threads at once. Atomicity between overlapping SCSI commands
   of this LUN (COMPARE AND WRITE against WRITE) is the SCSI layer's job (a range lock per LUN);
   the backend only needs each call to be safe against concurrent calls.
+* A backend that can write several commands at once cheaper than one by one (the engine: one
+  journal group commit for the writes of one ring poll) also implements `SupportsWriteBatch`;
+  the runner then hands it every plain WRITE of a poll together.
 * A backend that can compare-and-write atomically itself (the storage engine's group store can,
   against every writer of the volume, not just this LUN) also implements
   `SupportsCompareAndWrite`; the SCSI layer then uses it for COMPARE AND WRITE instead of
@@ -87,4 +90,16 @@ class SupportsCompareAndWrite(Protocol):
     ) -> int | None:
         """Atomically: if the blocks at `lba` equal `expected`, write `new` there (durably) and
         return None; else write nothing and return the offset of the first differing byte."""
+        ...
+
+
+@runtime_checkable
+class SupportsWriteBatch(Protocol):
+    def write_batch(
+        self, writes: Sequence[tuple[int, Sequence[memoryview]]]
+    ) -> list[BaseException | None]:
+        """Write several (lba, buffers), each as `write` would, sharing the cost of durability
+        (the engine: one journal group commit for all). Overlapping writes land in list order.
+        Returns, in order, None for each write done or the exception that failed it (typed as
+        for `write`). The SCSI layer checks each write's range and `writable` first."""
         ...

@@ -18,7 +18,8 @@ def _one_buffer(buffers: Sequence[memoryview]) -> memoryview:
 
 
 class EngineBackend:
-    """One exported volume of a StorageEngine (implements Backend and SupportsCompareAndWrite)."""
+    """One exported volume of a StorageEngine (implements Backend, SupportsCompareAndWrite and
+    SupportsWriteBatch)."""
 
     def __init__(self, engine: StorageEngine, volume: str) -> None:
         self._store, self._volume_id = engine.group_of(volume)
@@ -53,6 +54,14 @@ class EngineBackend:
 
     def write(self, lba: int, buffers: Sequence[memoryview]) -> None:
         self._store.write(self._volume_id, lba, _one_buffer(buffers))
+
+    def write_batch(
+        self, writes: Sequence[tuple[int, Sequence[memoryview]]]
+    ) -> list[BaseException | None]:
+        """One journal group commit for all of them (GroupStore.write_batch)."""
+        return self._store.write_batch(
+            self._volume_id, [(lba, _one_buffer(buffers)) for lba, buffers in writes]
+        )
 
     def write_zeros(self, lba: int, nblocks: int) -> None:
         self._store.write_zeros(self._volume_id, lba, nblocks)

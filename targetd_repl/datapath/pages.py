@@ -48,7 +48,10 @@ class ScsiConfig:
     product: str = "targetd-repl"
     revision: str = "0001"
     oui: int = OUI_OPENFABRICS
-    max_transfer_bytes: int = 8 * MIB
+    # READ/WRITE larger than this: INVALID FIELD IN CDB. 32 MiB = 65536 blocks of 512 bytes:
+    # libiscsi's WriteSame16.Unmap writes and reads 65536 blocks in ONE command (whatever this
+    # limit says) on LUNs of that size; the TCMU data area (1 GiB) holds such a command.
+    max_transfer_bytes: int = 32 * MIB
     optimal_transfer_bytes: int = 1 * MIB
     # per UNMAP block descriptor; 512 MiB keeps MAXIMUM UNMAP LBA COUNT <= 2^20 blocks at 512-byte
     # blocks, the largest count libiscsi's conformance suite accepts as sane

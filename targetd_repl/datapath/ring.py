@@ -383,6 +383,32 @@ class Ring:
                 return False
             return self._retire_locked()
 
+    def complete_many(self, done: list[tuple[Command, int, bytes, int | None]]) -> bool:
+        """`complete` for several commands (cmd, status, sense, read_len) with one lock round
+        and at most one cmd_tail store: the commands a runner answered in one pass. Returns
+        True when cmd_tail moved."""
+        if self._closed:
+            for cmd, *_ in done:
+                cmd.done = True
+            return False
+        for cmd, status, sense, read_len in done:
+            if cmd.done:
+                raise RuntimeError(f"{cmd!r} completed twice")
+            if read_len is not None and read_len < cmd.data_length:
+                _zero_from(cmd.iovecs, max(read_len, 0))
+                cmd.uflags |= UFLAG_READ_LEN
+                cmd.read_len = max(read_len, 0)
+            cmd.status = status
+            cmd.sense = sense
+        with self._lock:
+            # Marked done only under the lock, all together: the retire below publishes them
+            # (responses first, then one cmd_tail store), as complete() does for one.
+            for cmd, *_ in done:
+                cmd.done = True
+            if self._closed:
+                return False
+            return self._retire_locked()
+
     def _retire_locked(self) -> bool:
         pending = self._pending
         if not pending or not pending[0].done:

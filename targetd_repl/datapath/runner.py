@@ -7,7 +7,15 @@ they complete out of order and the ring publishes them in ring order (see ring.p
 answered from memory (INQUIRY, MODE SENSE, ...) run on the loop thread, and so do READs
 (`inline_reads`, the default): a read never waits for the peer, and handing it to a worker
 costs two thread switches, more than the read itself (measured on the lab's real kernel). Every
-command the loop answers in one pass is published with one kick.
+command the loop answers in one pass is published with one kick (`Ring.complete_many`: one lock
+round, one cmd_tail store).
+
+WRITE batches (`batch_writes`, with a backend that implements `SupportsWriteBatch`: the engine):
+the plain WRITEs of one poll go to the backend together - one journal append, one pwritev, one
+fdatasync for all of them, then the volume writes in ring order - as ONE hand-off to the one
+writer thread, which also merges every batch that queued while it was busy (or on the loop
+thread with `workers=0`). Their completions are published only after the batch
+call returned, i.e. after every write of it is durable in the journal and applied.
 
 Kicks from the workers are coalesced: a completion that finds a kick under way asks that kick
 to go once more instead of making its own write() to the uio device (each kick is a system call
@@ -26,7 +34,7 @@ import threading
 
 from targetd_repl.datapath import cdb as op
 from targetd_repl.datapath.ring import Command, Ring, RingError
-from targetd_repl.datapath.scsi import ScsiDevice, needs_worker
+from targetd_repl.datapath.scsi import BATCH_WRITE_OPCODES, ScsiDevice, needs_worker
 from targetd_repl.datapath.uio import DeviceGone, Doorbell
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ class Runner:
         name: str = "tcmu",
         idle_timeout: float = 1.0,
         inline_reads: bool = True,
+        batch_writes: bool = True,
     ) -> None:
         self.ring = ring
         self.doorbell = doorbell
@@ -62,6 +71,10 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._queue: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._pool: list[threading.Thread] = []
+        # WRITE batches go to one writer thread, which merges every batch queued meanwhile
+        # into one (see _write_loop); None stops it.
+        self._writes: queue.SimpleQueue[list[Command] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._inflight = 0
         # A plain lock for the counters (taken twice per worker command); the condition on it
         # only matters to wait_idle().
@@ -69,6 +82,9 @@ class Runner:
         self._idle = threading.Condition(self._counts)
         # With inline_reads, READs run on the loop thread too (see the module docstring).
         self._inline_reads = inline_reads
+        # With batch_writes (and a backend that batches), the plain WRITEs of one poll go to
+        # the backend together: one journal append and one fdatasync for all of them.
+        self._batch_writes = batch_writes and device.batches_writes
         self._kick_lock = threading.Lock()
         self._kicking = False
         self._kick_again = False
@@ -82,6 +98,11 @@ class Runner:
             t = threading.Thread(target=self._work, name=f"{self.name}-w{i}", daemon=True)
             t.start()
             self._pool.append(t)
+        if self.workers and self._batch_writes:
+            self._writer = threading.Thread(
+                target=self._write_loop, name=f"{self.name}-writer", daemon=True
+            )
+            self._writer.start()
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
@@ -96,11 +117,17 @@ class Runner:
         drained = self.wait_idle(timeout)
         for _ in self._pool:
             self._queue.put(None)
+        writer = self._writer
+        if writer is not None:
+            self._writes.put(None)
         if drained:
             for t in self._pool:
                 t.join(timeout)
+            if writer is not None:
+                writer.join(timeout)
         else:
             log.warning("%s: stopped with %d command(s) still running", self.name, self._inflight)
+        self._writer = None
         self._pool.clear()
         self.ring.close()
         return drained
@@ -135,11 +162,15 @@ class Runner:
         if commands:
             self.dispatched += len(commands)
             execute = self.device.execute
-            complete = self.ring.complete
             inline_reads = self._inline_reads
+            batch_writes = self._batch_writes
+            writes: list[Command] = []
+            inline: list[Command] = []
             for cmd in commands:
                 opcode = cmd.cdb[0]
-                if (
+                if batch_writes and opcode in BATCH_WRITE_OPCODES:
+                    writes.append(cmd)  # all of this poll's WRITEs: one journal commit, below
+                elif (
                     self.workers
                     and needs_worker(opcode)
                     and not (inline_reads and opcode in READ_OPCODES)
@@ -147,36 +178,96 @@ class Runner:
                     with self._counts:
                         self._inflight += 1
                     self._queue.put(cmd)
-                    continue
-                try:  # answered on this thread: one kick for all of them below
-                    result = execute(cmd.cdb, cmd.iovecs)
-                    moved = complete(cmd, result.status, result.sense, result.data_in) or moved
+                else:
+                    inline.append(cmd)
+            if writes and self.workers:
+                # One hand-off for the whole batch, and before the inline commands run: the
+                # worker's journal write and fdatasync (GIL released) overlap with them.
+                with self._counts:
+                    self._inflight += len(writes)
+                self._writes.put(writes)
+            if inline:
+                # Answered on this thread; published together, with one kick below.
+                answered = [(cmd, *execute(cmd.cdb, cmd.iovecs)) for cmd in inline]
+                try:
+                    moved = self.ring.complete_many(answered) or moved
                 except Exception:
-                    log.exception("%s: completing %r failed", self.name, cmd)
-                self.completed += 1
+                    log.exception("%s: completing %d commands failed", self.name, len(answered))
+                self.completed += len(answered)
+            if writes and not self.workers:
+                moved = self._run_writes(writes) or moved
+                self.completed += len(writes)
         if moved:
             self._kick_coalesced()
         return len(commands)
+
+    def _run_writes(self, writes: list[Command]) -> bool:
+        """Execute a batch of WRITEs (one journal group commit) and complete each; True when
+        cmd_tail moved. Completions are published only after execute_writes returned: every
+        write of the batch is durable (journal fdatasync'ed) and applied by then."""
+        try:
+            results = self.device.execute_writes([(cmd.cdb, cmd.iovecs) for cmd in writes])
+        except Exception:  # execute_writes never raises; a bug: leave the entries unanswered
+            log.exception("%s: a batch of %d writes failed", self.name, len(writes))
+            return False
+        try:
+            return self.ring.complete_many(
+                [
+                    (cmd, result.status, result.sense, result.data_in)
+                    for cmd, result in zip(writes, results, strict=True)
+                ]
+            )
+        except Exception:
+            log.exception("%s: completing %d writes failed", self.name, len(writes))
+            return False
 
     def _work(self) -> None:
         execute = self.device.execute
         complete = self.ring.complete
         while True:
-            cmd = self._queue.get()
-            if cmd is None:
+            item = self._queue.get()
+            if item is None:
                 return
             try:
-                result = execute(cmd.cdb, cmd.iovecs)
-                if complete(cmd, result.status, result.sense, result.data_in):
+                result = execute(item.cdb, item.iovecs)
+                if complete(item, result.status, result.sense, result.data_in):
                     self._kick_coalesced()
             except Exception:  # a bug in the ring or doorbell; the command stays unanswered
-                log.exception("%s: completing %r failed", self.name, cmd)
+                log.exception("%s: completing %r failed", self.name, item)
             finally:
-                with self._counts:
-                    self._inflight -= 1
-                    self.completed += 1
-                    if self._inflight == 0:
-                        self._idle.notify_all()
+                self._finished(1)
+
+    def _write_loop(self) -> None:
+        """The writer thread: run WRITE batches in queue (= ring) order. Every batch queued
+        while the previous one was being written joins the next one, so a loop that polls
+        often still feeds the journal big group commits, at one thread hand-off per commit."""
+        stop = False
+        while not stop:
+            first = self._writes.get()
+            if first is None:
+                return
+            batch = list(first)
+            while True:  # merge what queued meanwhile, keeping queue order (ring order)
+                try:
+                    more = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True  # finish what was queued before the stop, then leave
+                    break
+                batch.extend(more)
+            try:
+                if self._run_writes(batch):
+                    self._kick_coalesced()
+            finally:
+                self._finished(len(batch))
+
+    def _finished(self, count: int) -> None:
+        with self._counts:
+            self._inflight -= count
+            self.completed += count
+            if self._inflight == 0:
+                self._idle.notify_all()
 
     def _kick_coalesced(self) -> None:
         """Kick for a completion that moved cmd_tail. If another thread is kicking, ask it to

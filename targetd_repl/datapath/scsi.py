@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from targetd_repl.datapath import cdb as op
 from targetd_repl.datapath import pages
-from targetd_repl.datapath.backend import Backend, SupportsCompareAndWrite
+from targetd_repl.datapath.backend import Backend, SupportsCompareAndWrite, SupportsWriteBatch
 from targetd_repl.datapath.cdb import Buffer, be16, be32, be64, lba_and_length
 from targetd_repl.datapath.pages import ScsiConfig
 from targetd_repl.datapath.rangelock import RangeLock
@@ -106,6 +106,9 @@ _WRITE_OPCODES = frozenset(
     }
 )
 
+# Plain WRITEs: what `execute_writes` hands to the backend as one batch.
+BATCH_WRITE_OPCODES = frozenset({op.WRITE_6, op.WRITE_10, op.WRITE_12, op.WRITE_16})
+
 _CHUNK = 1 << 20  # bounce and pattern buffers
 
 
@@ -128,6 +131,13 @@ class ScsiDevice:
         self._zero_block = bytes(self.block_size)
         self._atomic_caw: SupportsCompareAndWrite | None = (
             backend if isinstance(backend, SupportsCompareAndWrite) else None
+        )
+        # Batches only where the backend also orders writes itself (it takes their range locks);
+        # otherwise a batch would skip this LUN's range lock (see _write).
+        self._batch: SupportsWriteBatch | None = (
+            backend
+            if isinstance(backend, SupportsWriteBatch) and self._atomic_caw is not None
+            else None
         )
         self._handlers: dict[int, Handler] = {
             op.TEST_UNIT_READY: self._test_unit_ready,
@@ -169,19 +179,25 @@ class ScsiDevice:
             if handler is None:
                 raise illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, field=0)
             return handler(cdb, buffers)
-        except CheckCondition as cc:
-            return Result(CHECK_CONDITION, cc.sense)
-        except OutOfRange as exc:
+        except Exception as exc:
+            return self._error_result(opcode, exc)
+
+    @staticmethod
+    def _error_result(opcode: int, exc: BaseException) -> Result:
+        """The status and sense for a command that raised `exc`."""
+        if isinstance(exc, CheckCondition):
+            return Result(CHECK_CONDITION, exc.sense)
+        if isinstance(exc, OutOfRange):
             log.warning("opcode %#04x: backend: %s", opcode, exc)
             return Result(CHECK_CONDITION, lba_out_of_range().sense)
-        except WriteProtected:
+        if isinstance(exc, WriteProtected):
             return Result(CHECK_CONDITION, fixed_sense(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED))
-        except InvalidArgument as exc:
+        if isinstance(exc, InvalidArgument):
             log.error("opcode %#04x: backend refused the request: %s", opcode, exc)
             return Result(
                 CHECK_CONDITION, fixed_sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
             )
-        except OSError as exc:
+        if isinstance(exc, OSError):
             log.error("opcode %#04x: backend I/O error: %s", opcode, exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 key, asc = SenseKey.DATA_PROTECT, Asc.SPACE_ALLOCATION_FAILED_WRITE_PROTECT
@@ -190,11 +206,55 @@ class ScsiDevice:
             else:
                 key, asc = SenseKey.MEDIUM_ERROR, Asc.UNRECOVERED_READ_ERROR
             return Result(CHECK_CONDITION, fixed_sense(key, asc))
-        except Exception:
-            log.exception("opcode %#04x failed", opcode)
-            return Result(
-                CHECK_CONDITION, fixed_sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
-            )
+        log.error("opcode %#04x failed", opcode, exc_info=exc)
+        return Result(
+            CHECK_CONDITION, fixed_sense(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
+        )
+
+    @property
+    def batches_writes(self) -> bool:
+        """True when `execute_writes` is cheaper than `execute` per WRITE (the backend writes a
+        batch as one journal group commit)."""
+        return self._batch is not None
+
+    def execute_writes(
+        self, commands: Sequence[tuple[Buffer, Sequence[memoryview]]]
+    ) -> list[Result]:
+        """Run several plain WRITE (6/10/12/16) commands - those of one ring poll - with one
+        backend call for all of them (`SupportsWriteBatch`; else one `execute` each). Each gets
+        the checks and the outcome `execute` would give it; overlapping writes land in list
+        order. Never raises."""
+        batch = self._batch
+        if batch is None:
+            return [self.execute(cdb, buffers) for cdb, buffers in commands]
+        results: list[Result] = [RESULT_GOOD] * len(commands)
+        todo: list[tuple[int, int, Sequence[memoryview]]] = []  # (index, lba, buffers)
+        fua = False
+        for i, (cdb, buffers) in enumerate(commands):
+            opcode = cdb[0] if len(cdb) else -1
+            try:
+                if opcode not in BATCH_WRITE_OPCODES:
+                    results[i] = self.execute(cdb, buffers)
+                    continue
+                lba = self._check_write(cdb, buffers)
+            except Exception as exc:
+                results[i] = self._error_result(opcode, exc)
+                continue
+            if lba is not None:
+                todo.append((i, lba, buffers))
+                fua = fua or (opcode != op.WRITE_6 and bool(cdb[1] & 0x08))
+        if not todo:
+            return results
+        try:
+            errors = batch.write_batch([(lba, buffers) for _, lba, buffers in todo])
+            if fua:  # FUA: one flush after the batch covers every FUA write in it
+                self.backend.flush()
+        except Exception as exc:
+            errors = [exc] * len(todo)
+        for (i, _, _), error in zip(todo, errors, strict=True):
+            if error is not None:
+                results[i] = self._error_result(commands[i][0][0], error)
+        return results
 
     # -- shared checks ----------------------------------------------------------------------------
 
@@ -325,8 +385,9 @@ class ScsiDevice:
             scatter(memoryview(bounce)[:rest], slice_buffers(buffers, whole * bs, rest))
         return Result(GOOD, data_in=have)
 
-    def _write(self, cdb: Buffer, buffers: Sequence[memoryview]) -> Result:
-        """WRITE (6/10/12/16) and WRITE AND VERIFY (10/12/16)."""
+    def _check_write(self, cdb: Buffer, buffers: Sequence[memoryview]) -> int | None:
+        """The checks of a WRITE / WRITE AND VERIFY before any data moves: raises the
+        CheckCondition, or returns the LBA (None: zero blocks, nothing to write)."""
         opcode = cdb[0]
         self._check_protect(cdb)
         lba, nblocks = lba_and_length(cdb)
@@ -335,10 +396,20 @@ class ScsiDevice:
         self._check_writable()
         self._check_range(lba, nblocks)
         if nblocks == 0:
-            return RESULT_GOOD
+            return None
         self._check_transfer(opcode, nblocks)
         if total_length(buffers) != nblocks * self.block_size:
             raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
+        return lba
+
+    def _write(self, cdb: Buffer, buffers: Sequence[memoryview]) -> Result:
+        """WRITE (6/10/12/16) and WRITE AND VERIFY (10/12/16)."""
+        opcode = cdb[0]
+        checked = self._check_write(cdb, buffers)
+        if checked is None:
+            return RESULT_GOOD
+        lba = checked
+        nblocks = total_length(buffers) // self.block_size
         verify = opcode in (op.WRITE_AND_VERIFY_10, op.WRITE_AND_VERIFY_12, op.WRITE_AND_VERIFY_16)
         bytchk = verify and bool(cdb[1] & 0x02)
         if self._atomic_caw is not None and not bytchk:

@@ -566,11 +566,11 @@ def parse_test_cu(text: str) -> dict[str, Any]:
     return {"tests": tests, "counts": counts, "cunit_summary": summary}
 
 
-def _test_cu(ctx: GuestContext, url: str, label: str) -> dict[str, Any]:
+def _test_cu(ctx: GuestContext, url: str, label: str, tests: str = "ALL") -> dict[str, Any]:
     out = ctx.out / f"iscsi-test-cu-{label}.txt"
     with ctx.timed(f"iscsi_test_cu_{label}"), out.open("w") as f:
         proc = subprocess.run(
-            ["iscsi-test-cu", "-d", "-t", "ALL", url],
+            ["iscsi-test-cu", "-d", "-t", tests, url],
             stdout=f,
             stderr=subprocess.STDOUT,
             text=True,
@@ -586,7 +586,10 @@ def _test_cu(ctx: GuestContext, url: str, label: str) -> dict[str, Any]:
 
 @scenario("datapath_conformance", timeout_s=2400)
 def datapath_conformance(ctx: GuestContext) -> dict[str, Any]:
-    """libiscsi iscsi-test-cu on our LUN and on a kernel fileio LUN: we pass at least as many."""
+    """libiscsi iscsi-test-cu on our LUN and on a kernel fileio LUN: we pass at least as many.
+    Parameter `tests` (lab_tests=SCSI.WriteSame16, comma-separated as iscsi-test-cu -t takes
+    them) runs a subset: minutes instead of a quarter of an hour, for checking one fix."""
+    tests = param("tests") or "ALL"
     size = 32 * MiB
     state = WORKDIR / "engine-conformance"
     handler = Handler(ctx, state, [f"dpconf:{size}"])
@@ -601,11 +604,12 @@ def datapath_conformance(ctx: GuestContext) -> dict[str, Any]:
     )
     iqn = _export(ctx, _user_lun("dpconf", size, lun=0), fileio)
     handler.wait_serving("dpconf")
-    ours = _test_cu(ctx, f"iscsi://{PORTAL}/{iqn}/0", "ours")
-    theirs = _test_cu(ctx, f"iscsi://{PORTAL}/{iqn}/1", "fileio")
+    ours = _test_cu(ctx, f"iscsi://{PORTAL}/{iqn}/0", "ours", tests)
+    theirs = _test_cu(ctx, f"iscsi://{PORTAL}/{iqn}/1", "fileio", tests)
     rc = handler.stop()
-    ctx.check(ours["counts"]["pass"] + ours["counts"]["fail"] > 100, "our run produced results")
-    ctx.check(theirs["counts"]["pass"] + theirs["counts"]["fail"] > 100, "fileio's did too")
+    enough = 100 if tests == "ALL" else 1
+    ctx.check(ours["counts"]["pass"] + ours["counts"]["fail"] >= enough, "our run has results")
+    ctx.check(theirs["counts"]["pass"] + theirs["counts"]["fail"] >= enough, "fileio's too")
     ctx.check(
         ours["counts"]["pass"] >= theirs["counts"]["pass"],
         f"our pass count {ours['counts']} >= fileio's {theirs['counts']}",

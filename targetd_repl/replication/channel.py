@@ -20,7 +20,8 @@ import grpc
 
 from targetd_repl.replication.errors import PermissionDenied
 
-# Batches are up to a few MiB; a single record can carry a whole large SCSI write.
+# Batches are up to a few MiB (settings.batch_bytes); a single record can carry a whole large
+# SCSI write. The same limit on both ends: every channel and server here uses these options.
 MAX_MESSAGE_BYTES = 64 << 20
 
 _COMMON_OPTIONS: list[tuple[str, int | str]] = [

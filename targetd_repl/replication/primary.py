@@ -6,8 +6,13 @@ Threads. A runner thread owns the connection: it connects, runs the handshake, a
 back-off. Inside a stream, gRPC consumes the request generator (`_requests`) in its own thread:
 it reads durable records from the journal from the seq the handshake agreed on and sends them in
 batches, never more than `window_bytes` unacknowledged (flow control), a heartbeat when idle, and
-the end of a resync copy in its place in the stream. The runner thread reads the
-acknowledgements. During a resync a copier thread appends region copies to the journal.
+the end of a resync copy in its place in the stream. A batch is the journal's stored bytes of a
+run of records, read with one pread (Journal.read_raw) and sent pre-encoded
+(wire.encode_batch_request): no Record objects and no protobuf message object per batch; the
+receiver verifies every CRC. An async pair lingers up to `linger` for `linger_records` records,
+waking once when they are there (not at every commit), so a busy group ships few large batches.
+The runner thread reads the acknowledgements (one may cover several batches). During a resync
+a copier thread appends region copies to the journal.
 
 The one ordered stream. Resync copies are ordinary journal records (GroupStore.copy_region reads
 a region under its range lock inside the write slot), so the secondary applies copies and new
@@ -40,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -67,7 +73,6 @@ from targetd_repl.roles import pair_state
 from targetd_repl.roles.pair_state import Event
 from targetd_repl.storage.group_store import GroupStore
 from targetd_repl.storage.journal import Journal
-from targetd_repl.storage.journal_record import Record
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.v1 import replication_pb2, replication_pb2_grpc
 
@@ -801,10 +806,10 @@ class PrimaryPair:
             if plan is None:
                 return
             if isinstance(plan, StreamPlan):
-                self._stream(stub, plan.start_seq, plan.restart_target, False, plan)
+                self._stream(channel, plan.start_seq, plan.restart_target, False, plan)
                 return
             start_seq, resync, full = plan
-            self._stream(stub, start_seq, resync, full)
+            self._stream(channel, start_seq, resync, full)
         finally:
             with self._lock:
                 self._pin = None
@@ -937,7 +942,7 @@ class PrimaryPair:
 
     def _stream(
         self,
-        stub: replication_pb2_grpc.ReplicationStub,
+        channel: grpc.Channel,
         start_seq: int,
         resync: bool,
         full: bool,
@@ -958,7 +963,7 @@ class PrimaryPair:
             self._inflight.clear()
             self._inflight_bytes = 0
         try:
-            call = stub.Ship(self._requests(session))
+            call = _ship_method(channel)(self._requests(session))
             session.call = call
             if session.stopped.is_set():
                 call.cancel()
@@ -995,7 +1000,7 @@ class PrimaryPair:
 
     # --- the request stream ---------------------------------------------------------------------
 
-    def _requests(self, session: _Session) -> Iterator[replication_pb2.ShipRequest]:
+    def _requests(self, session: _Session) -> Iterator[replication_pb2.ShipRequest | bytes]:
         store = self._store
         settings = self._settings
         yield replication_pb2.ShipRequest(
@@ -1042,25 +1047,23 @@ class PrimaryPair:
                         session.stop(failure=f"journal: {error}")
                         return
                 try:
-                    batch = _read_batch(journal, next_seq, settings.batch_bytes)
+                    # The journal's bytes as stored, one pread: the receiver verifies each CRC.
+                    count, payload = journal.read_raw(next_seq, settings.batch_bytes)
                 except SequenceTrimmed as error:
                     session.stop(failure=f"journal trimmed under the sender: {error}")
                     return
-                if not batch:
+                except TargetdReplError as error:
+                    session.stop(failure=f"journal: {error}")
+                    return
+                if not count:
                     continue
-                payload = b"".join(part for r in batch for part in (r.header(), r.data))
-                last = batch[-1].seq
+                last = next_seq + count - 1
+                first_ts = int.from_bytes(payload[_TS_AT : _TS_AT + 8], "little")
                 with self._lock:
-                    self._inflight.append((last, len(payload), batch[0].timestamp_ns))
+                    self._inflight.append((last, len(payload), first_ts))
                     self._inflight_bytes += len(payload)
-                yield replication_pb2.ShipRequest(
-                    batch=replication_pb2.RecordBatch(
-                        epoch=store.info.epoch,
-                        first_seq=next_seq,
-                        count=len(batch),
-                        records=payload,
-                    )
-                )
+                # Order: batches go out in seq order on the one stream, each right after the last.
+                yield wire.encode_batch_request(store.info.epoch, next_seq, count, payload)
                 next_seq = last + 1
                 last_sent = time.monotonic()
                 continue
@@ -1133,13 +1136,16 @@ class PrimaryPair:
             session.stop(failure=f"resync copy: {error}")
 
 
-def _read_batch(journal: Journal, seq: int, max_bytes: int) -> list[Record]:
-    """Durable records from `seq` on, up to about `max_bytes` of encoded size (at least one)."""
-    batch: list[Record] = []
-    size = 0
-    for record in journal.read_from(seq, 4096):
-        batch.append(record)
-        size += record.encoded_size
-        if size >= max_bytes:
-            break
-    return batch
+_TS_AT = 52  # offset of timestamp_ns in a record header (journal_record.py)
+
+
+def _ship_method(
+    channel: grpc.Channel,
+) -> Callable[[Iterator[replication_pb2.ShipRequest | bytes]], Any]:
+    """The Ship call on `channel` with a request serializer that sends pre-encoded batches
+    (wire.encode_batch_request) as they are: the wire format is the generated code's."""
+    return channel.stream_stream(
+        "/targetd_repl.v1.Replication/Ship",
+        request_serializer=wire.serialize_ship_request,
+        response_deserializer=replication_pb2.ShipAck.FromString,
+    )

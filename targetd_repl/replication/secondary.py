@@ -1,7 +1,9 @@
 """The secondary's side of one pair: it stores shipped batches in the receive journal (one group
-commit per batch), acknowledges them, and applies them strictly in sequence order on an applier
-thread, so its image is always a prefix of the primary's history across every volume of the
-group. One `SecondaryGroup` per paired group at its secondary.
+commit per batch: one pwritev, one fdatasync), acknowledges them, and applies them strictly in
+sequence order on an applier thread, so its image is always a prefix of the primary's history
+across every volume of the group. The applier takes the newest batches from memory (kept by
+GroupStore.receive_shipped once durable) rather than reading them back. One `SecondaryGroup`
+per paired group at its secondary.
 
 Checks, each before anything is stored (a refused batch changes nothing):
   * the stream is the group's newest (a reconnect supersedes the old stream: ABORTED);
@@ -27,7 +29,6 @@ from dataclasses import replace
 
 from targetd_repl.errors import (
     FailedPrecondition,
-    InvalidArgument,
     JournalFull,
     NotFound,
     SequenceGap,
@@ -43,7 +44,6 @@ from targetd_repl.replication.tracking import ReplicationState
 from targetd_repl.roles import pair_state
 from targetd_repl.roles.pair_state import Event
 from targetd_repl.storage.group_store import GroupStore
-from targetd_repl.storage.journal_record import iter_records
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.v1 import replication_pb2
 
@@ -376,31 +376,28 @@ class SecondaryGroup:
             raise Aborted(f"group {self.group!r}: this stream was superseded by a newer one")
 
     def receive_batch(self, stream: int, msg: replication_pb2.RecordBatch) -> None:
+        """Store one batch durably in the receive journal (one write, one fdatasync) or refuse
+        it whole: every CRC is verified and every seq checked before anything is stored."""
+        records = msg.records  # one copy out of the message, read without decoding into Records
         with self._lock:
             self._check_stream(stream)
             self._check_epoch(msg.epoch, self._pair.peer_site)
-            records = list(iter_records(msg.records))  # JournalCorrupt on any bad CRC
-            if len(records) != msg.count or not records or records[0].seq != msg.first_seq:
-                raise InvalidArgument(
-                    f"group {self.group!r}: batch claims {msg.count} records from seq "
-                    f"{msg.first_seq}, its bytes hold {len(records)}"
-                    + (f" from seq {records[0].seq}" if records else "")
-                )
             store = self._store
+            # Order: a batch is stored only right after the seq the journal holds last.
             if msg.first_seq != store.journal.next_seq:
                 raise SequenceGap(
                     f"group {self.group!r}: out-of-order batch from seq {msg.first_seq}, "
                     f"expected seq {store.journal.next_seq}"
                 )
             try:
-                store.receive(records, self._volume_map)
+                store.receive_shipped(records, msg.first_seq, msg.count, self._volume_map)
             except JournalFull:
                 if self._rstate.hold_apply:
                     raise  # held records cannot be applied early (roles/ bulk copy running)
                 # The applier is behind: apply and trim here, then try once more.
                 store.apply_received()
                 store.checkpoint_and_trim()
-                store.receive(records, self._volume_map)
+                store.receive_shipped(records, msg.first_seq, msg.count, self._volume_map)
         with self._applied_cond:
             self._applied_cond.notify_all()
 

@@ -4,6 +4,7 @@ ReplicationManager, and turns errors into status codes (status.abort: one log li
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from targetd_repl.errors import InvalidArgument
 from targetd_repl.replication import wire
 from targetd_repl.replication.channel import check_peer
 from targetd_repl.replication.primary import PrimaryPair
+from targetd_repl.replication.secondary import SecondaryGroup
 from targetd_repl.replication.status import abort
 from targetd_repl.v1 import replication_pb2, replication_pb2_grpc
 
@@ -76,6 +78,10 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         request_iterator: Iterator[replication_pb2.ShipRequest],
         context: grpc.ServicerContext,
     ) -> Iterator[replication_pb2.ShipAck]:
+        """Two threads per stream: a reader (`_ShipReader`) takes the messages in order and
+        stores each batch durably, while this generator sends acknowledgements. So storing the
+        next batch never waits for the last acknowledgement to be sent, and acknowledgements
+        that pile up meanwhile go as one (it covers every batch durable when it is built)."""
         what = "Ship"
         try:
             first = next(request_iterator, None)
@@ -89,24 +95,23 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         except Exception as error:
             abort(context, error, what)
         yield receiver.ack()
+        reader = _ShipReader(receiver, stream, request_iterator, opening.group)
+        reader.start()
         try:
-            for message in request_iterator:
-                kind = message.WhichOneof("body")
-                if kind == "batch":
-                    receiver.receive_batch(stream, message.batch)
-                    yield receiver.ack()
-                elif kind == "heartbeat":
-                    receiver.heartbeat(stream)
-                    yield receiver.ack(message.heartbeat.sent_at_ns)
-                elif kind == "resync_done":
-                    receiver.resync_done(stream, message.resync_done)
-                    yield receiver.ack()
-                else:
-                    raise InvalidArgument(
-                        f"unexpected {kind or 'empty'} message inside the Ship stream of group "
-                        f"{opening.group!r}"
-                    )
+            while True:
+                echo_ns = reader.wait(_ACK_POLL)
+                if echo_ns is not None:
+                    # Built now, after the batches it covers are durable: it may cover more.
+                    yield receiver.ack(echo_ns)
+                    continue
+                if reader.error is not None:
+                    raise reader.error
+                if reader.ended:
+                    break
+                if not context.is_active():
+                    raise grpc.RpcError()  # the sender went away while nothing arrived
         except Exception as error:
+            reader.stop()
             if not context.is_active() or isinstance(error, grpc.RpcError):
                 receiver.stream_ended(stream, "the sender went away")
                 log.info("%s: stream closed by the sender", what)
@@ -114,3 +119,87 @@ class ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             receiver.stream_ended(stream, str(error))
             abort(context, error, what)
         receiver.stream_ended(stream, None)
+
+
+_ACK_POLL = 0.5  # seconds between checks that the sender is still there while nothing arrives
+
+
+class _ShipReader:
+    """The reading half of one Ship stream: it stores batches in order, as they arrive, and
+    tells the sending half what to acknowledge (`wait`)."""
+
+    def __init__(
+        self,
+        receiver: SecondaryGroup,
+        stream: int,
+        requests: Iterator[replication_pb2.ShipRequest],
+        group: str,
+    ) -> None:
+        self._receiver = receiver
+        self._stream = stream
+        self._requests = requests
+        self._group = group
+        self._cond = threading.Condition()
+        self._pending = False  # something to acknowledge
+        self._echo_ns = 0  # the newest heartbeat's sent_at_ns among what is pending
+        self._stopped = False
+        self.ended = False  # the sender closed its half of the stream
+        self.error: BaseException | None = None  # the first failure: the stream ends with it
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"repl-ship-{self._group}", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+
+    def wait(self, timeout: float) -> int | None:
+        """The echo_ns of the next acknowledgement to send (0: none to echo), or None when
+        there is nothing to acknowledge (then see `error` and `ended`) after `timeout`."""
+        with self._cond:
+            if not self._pending and self.error is None and not self.ended:
+                self._cond.wait(timeout)
+            if self._pending:  # acknowledge what is stored before reporting an end or error
+                self._pending = False
+                echo, self._echo_ns = self._echo_ns, 0
+                return echo
+            return None
+
+    def _post(self, echo_ns: int = 0) -> None:
+        with self._cond:
+            self._pending = True
+            if echo_ns:
+                self._echo_ns = echo_ns
+            self._cond.notify()
+
+    def _run(self) -> None:
+        receiver = self._receiver
+        stream = self._stream
+        try:
+            # Order: messages are handled one at a time in the order they were sent.
+            for message in self._requests:
+                if self._stopped:
+                    return
+                kind = message.WhichOneof("body")
+                if kind == "batch":
+                    receiver.receive_batch(stream, message.batch)
+                    self._post()
+                elif kind == "heartbeat":
+                    receiver.heartbeat(stream)
+                    self._post(message.heartbeat.sent_at_ns)
+                elif kind == "resync_done":
+                    receiver.resync_done(stream, message.resync_done)
+                    self._post()
+                else:
+                    raise InvalidArgument(
+                        f"unexpected {kind or 'empty'} message inside the Ship stream of group "
+                        f"{self._group!r}"
+                    )
+        except BaseException as error:  # handed to the sending half, which ends the stream
+            with self._cond:
+                self.error = error
+                self._cond.notify()
+            return
+        with self._cond:
+            self.ended = True
+            self._cond.notify()

@@ -21,11 +21,11 @@ class FencePolicy(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ReplicationSettings:
-    batch_bytes: int = 1 << 20  # records per RecordBatch, by encoded size
-    window_bytes: int = 16 << 20  # bytes sent but not yet acknowledged (flow control)
+    batch_bytes: int = 4 << 20  # records per RecordBatch, by encoded size (channel.py: max)
+    window_bytes: int = 64 << 20  # bytes sent but not yet acknowledged (flow control)
     heartbeat_interval: float = 0.2  # an idle stream sends a heartbeat this often
-    linger: float = 0.002  # a busy stream waits up to this long to fill a batch ...
-    linger_records: int = 64  # ... with this many records (0 linger: ship at once)
+    linger: float = 0.01  # a busy stream waits up to this long to fill a batch ...
+    linger_records: int = 512  # ... with this many records (0 linger: ship at once)
     link_timeout: float = 5.0  # no acknowledgement for this long: the link is lost
     sync_timeout: float = 5.0  # a sync write waits this long for the peer, then suspended-error
     rpc_timeout: float = 10.0  # deadline of every unary call to the peer

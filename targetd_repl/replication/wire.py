@@ -1,8 +1,14 @@
-"""Protobuf <-> domain conversions for replication.proto (no I/O, no gRPC calls)."""
+"""Protobuf <-> domain conversions for replication.proto (no I/O, no gRPC calls), and the
+pre-encoded form of the one hot message: a `ShipRequest` holding a `RecordBatch`, built from the
+journal's bytes with one copy (`encode_batch_request`) instead of through a protobuf message
+object (which costs two more copies of the records and, with upb, ~1.7 ms per MiB to build).
+The bytes are exactly what `ShipRequest(batch=RecordBatch(...)).SerializeToString()` gives, so
+the receiver parses them with the ordinary generated code."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from targetd_repl.errors import InvalidArgument
 from targetd_repl.model import EpochEntry, PairMode, PairState, Role, VolumeInfo
@@ -138,3 +144,44 @@ def view_from_proto(msg: replication_pb2.HandshakeView, group_id: int) -> Handsh
         backlog_from_seq=msg.backlog_from_seq if msg.HasField("backlog_from_seq") else None,
         survivor=msg.survivor if msg.HasField("survivor") else None,
     )
+
+
+# ShipRequest.batch is field 2, RecordBatch.epoch 1, first_seq 2, count 3, records 4: the keys
+# (field number << 3 | wire type; 0 varint, 2 length-delimited) of replication.proto.
+_KEY_SHIP_BATCH = b"\x12"
+_KEY_EPOCH = b"\x08"
+_KEY_FIRST_SEQ = b"\x10"
+_KEY_COUNT = b"\x18"
+_KEY_RECORDS = b"\x22"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_batch_request(epoch: int, first_seq: int, count: int, records: bytes) -> bytes:
+    """The serialized `ShipRequest(batch=RecordBatch(epoch, first_seq, count, records))`, as
+    protobuf encodes it (proto3: fields at their default value are left out)."""
+    head = bytearray()
+    for key, value in ((_KEY_EPOCH, epoch), (_KEY_FIRST_SEQ, first_seq), (_KEY_COUNT, count)):
+        if value:
+            head += key
+            head += _varint(value)
+    if records:
+        head += _KEY_RECORDS
+        head += _varint(len(records))
+    return b"".join((_KEY_SHIP_BATCH, _varint(len(head) + len(records)), head, records))
+
+
+def serialize_ship_request(request: Any) -> bytes:
+    """The request serializer of the Ship stream at the sender: pre-encoded bytes go as they
+    are, a ShipRequest message is serialized."""
+    if isinstance(request, bytes):
+        return request
+    data: bytes = request.SerializeToString()
+    return data

@@ -8,9 +8,11 @@ The write path, in this order, each step deliberate:
   4. save before-images for every snapshot that lacks them — durable before the overwrite;
   5. write the volume (page cache: the journal already holds the data durably);
   6. mark the seq applied in the watermark.
-The write is acknowledged after step 6. A crash anywhere is repaired at open by replaying the
-journal from the checkpoint (`applied_seq` in the metadata store), which only ever names a seq
-whose data every volume of the group had fdatasync'ed.
+The write is acknowledged after step 6. `write_batch` takes the same steps for the writes of one
+ring poll together: step 1 for each, step 2 once for the union of their ranges, step 3 as one group
+commit (contiguous seqs in list order), steps 4-6 per write in seq order. A crash anywhere is
+repaired at open by replaying the journal from the checkpoint (`applied_seq` in the metadata
+store), which only ever names a seq whose data every volume of the group had fdatasync'ed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,8 +47,8 @@ from targetd_repl.model import (
 )
 from targetd_repl.storage.barrier import WriteBarrier
 from targetd_repl.storage.fileutil import fsync_dir
-from targetd_repl.storage.journal import Journal
-from targetd_repl.storage.journal_record import Record
+from targetd_repl.storage.journal import Journal, ShippedEntry
+from targetd_repl.storage.journal_record import HEADER_SIZE, Record
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.storage.range_lock import RangeLock
 from targetd_repl.storage.snapshot import SnapshotSet
@@ -55,6 +58,8 @@ from targetd_repl.storage.watermark import SequenceWatermark
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+# Received batches a secondary keeps in memory for its applier (beyond: read from the journal).
+RECEIVED_CACHE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,12 @@ class GroupStore:
         self._checkpointed = info.applied_seq
         self._checkpoint_lock = threading.Lock()
         self._apply_lock = threading.Lock()  # one applier: records are applied in seq order
+        # The secondary's newest received batches, durable, kept in memory for the applier so
+        # it need not read them back from the journal: (first seq, checked entries), seq order,
+        # at most RECEIVED_CACHE_BYTES (older ones are read from the journal as before).
+        self._received: deque[tuple[int, list[ShippedEntry]]] = deque()
+        self._received_bytes = 0
+        self._received_lock = threading.Lock()
         self._failure: BaseException | None = None
         # Replication sets this: the lowest seq the peer still needs; trim never passes it.
         self.retain_from: Callable[[], int] | None = None
@@ -217,6 +228,91 @@ class GroupStore:
         """Write whole blocks at `lba`; return the journal seq once durable and applied."""
         view = memoryview(data).cast("B")
         return self._mutate(RecordKind.WRITE, volume_id, lba, view, view.nbytes)
+
+    def write_batch(
+        self, volume_id: int, writes: Sequence[tuple[int, Buffer]]
+    ) -> list[BaseException | None]:
+        """Write several (lba, data) of one volume - the writes the data path took from one ring
+        poll - as ONE journal group commit (one lock round, one pwritev, one fdatasync), then
+        apply them in seq order. Same steps and guarantees as `write`, per write; returns, in
+        order, None for each write durable and applied, or the exception that failed it (a write
+        refused by validation leaves no record; the others still go)."""
+        results: list[BaseException | None] = [None] * len(writes)
+        todo: list[tuple[int, int, int, memoryview]] = []  # (index, lba, offset, view)
+        ov: OpenVolume | None = None
+        for i, (lba, data) in enumerate(writes):
+            view = memoryview(data).cast("B")
+            try:
+                # Step 1 for every write before anything is journaled.
+                ov, offset = self._check_write(volume_id, lba, view.nbytes)
+                self._before_io(volume_id, offset, view.nbytes, True)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            todo.append((i, lba, offset, view))
+        if not todo or ov is None:
+            return results
+        applied: list[tuple[int, int]] = []  # (index, seq) of writes durable and applied
+        try:
+            # Step 2: the barrier once, and the regions of ALL the batch's writes at once (they
+            # may overlap one another), held from before the append until the last apply.
+            with self._barrier.writer(), ov.ranges.hold_spans((t[2], t[3].nbytes) for t in todo):
+                self._require_primary(ov)  # re-checked inside the slot, as in _journal_and_apply
+                # Step 3: one append for all; seqs are contiguous in list (ring) order.
+                last = self._journal.append_batch(
+                    [(RecordKind.WRITE, ov.info.id, t[1], t[3], t[3].nbytes) for t in todo],
+                    epoch=self._info.epoch,
+                )
+                seq = last - len(todo) + 1
+                # Steps 4-6 in seq order, one thread: overlapping writes of the batch reach the
+                # volume in journal order (what the secondary's in-order apply will do).
+                for i, lba, offset, view in todo:
+                    try:
+                        self._apply(ov, RecordKind.WRITE, lba, offset, view, view.nbytes)
+                    except BaseException as error:
+                        # Journaled but not applied: stop the group; the replay at the next
+                        # open applies the rest of the batch (as in _journal_and_apply).
+                        self._failure = error
+                        log.error(
+                            "group %s: volume write failed after journaling: %s", self.name, error
+                        )
+                        raise
+                    self._applied.complete(seq)
+                    applied.append((i, seq))
+                    try:
+                        # A failing hook fails its own write, never the apply of the rest: the
+                        # batch is journaled, so every record of it must reach the volume now.
+                        if self.on_written is not None:
+                            self.on_written(seq, ov.info.id, offset, view.nbytes)
+                        if self.on_changed is not None:
+                            self.on_changed(seq, ov.info.id, offset, view.nbytes)
+                    except Exception as exc:
+                        results[i] = exc
+                    seq += 1
+        except JournalFull:
+            # Nothing of the batch was appended: one at a time, in order, with write()'s
+            # checkpoint-and-retry (and replication's release of its retention).
+            for i, lba, _offset, view in todo:
+                try:
+                    self.write(volume_id, lba, view)
+                except Exception as exc:
+                    results[i] = exc
+            return results
+        except Exception as exc:
+            done = {i for i, _ in applied}
+            for i, *_ in todo:
+                if i not in done:
+                    results[i] = exc
+        if self.after_write is not None:
+            # After the slot is released, before the acks (a sync pair waits for the peer here).
+            for i, seq in applied:
+                if results[i] is not None:
+                    continue
+                try:
+                    self.after_write(seq)
+                except Exception as exc:
+                    results[i] = exc
+        return results
 
     def write_zeros(self, volume_id: int, lba: int, nblocks: int) -> int:
         """Make blocks read as zeros (UNMAP, WRITE SAME of zeros); journaled without data."""
@@ -380,6 +476,55 @@ class GroupStore:
         self._journal.append_records(records, volume_map=volume_map)
         return self._journal.durable_seq
 
+    def receive_shipped(
+        self, buf: bytes | memoryview, first_seq: int, count: int, volume_map: Mapping[int, int]
+    ) -> int:
+        """`receive` for a batch as shipped (`count` encoded records back to back from
+        `first_seq`): the same checks and the one group commit, without decoding into Records
+        (Journal.append_shipped). Returns the highest seq durably received."""
+        self._check_usable()
+        if self._info.role is Role.PRIMARY:
+            raise WriteProtected(
+                f"group {self.name!r} is primary here: it does not take replicated records"
+            )
+        journal = self._journal
+        entries = journal.check_shipped(
+            buf, first_seq=first_seq, count=count, volume_map=volume_map
+        )
+        journal.append_checked(first_seq, entries)
+        # Durable now: the applier may take these records from memory (in seq order only).
+        nbytes = memoryview(buf).nbytes
+        with self._received_lock:
+            if self._received and self._received[-1][0] + len(self._received[-1][1]) != first_seq:
+                self._drop_received()  # not contiguous with what is kept: start afresh
+            self._received.append((first_seq, entries))
+            self._received_bytes += nbytes
+            while self._received_bytes > RECEIVED_CACHE_BYTES and len(self._received) > 1:
+                self._pop_received()
+        return journal.durable_seq
+
+    def _pop_received(self) -> None:
+        """Forget the oldest cached batch (_received_lock held)."""
+        _, entries = self._received.popleft()
+        self._received_bytes -= sum(HEADER_SIZE + len(e[6]) for e in entries)
+
+    def _drop_received(self) -> None:
+        """Forget every cached batch (_received_lock held)."""
+        self._received.clear()
+        self._received_bytes = 0
+
+    def _received_from(self, seq: int) -> tuple[int, list[ShippedEntry]] | int | None:
+        """The cached batch that holds `seq` (first seq, entries); else the first seq of the
+        next cached batch above it (read the journal up to there), or None: none is cached."""
+        with self._received_lock:
+            cache = self._received
+            while cache and cache[0][0] + len(cache[0][1]) <= seq:
+                self._pop_received()  # applied already
+            if not cache:
+                return None
+            first, entries = cache[0]
+            return (first, entries) if first <= seq else first
+
     def restart_journal(self, start_seq: int, *, discard: bool = False) -> None:
         """Secondary, at the start of a resync copy: apply every record received, checkpoint,
         and start the receive journal afresh at `start_seq` (the first seq the copy stream
@@ -407,6 +552,8 @@ class GroupStore:
                 self._applied.complete(record.seq)
             self.checkpoint()
             path = journal.path
+            with self._received_lock:
+                self._drop_received()  # the seqs start afresh
             journal.close()
             for segment in path.glob("seg-*.log"):
                 segment.unlink()
@@ -462,21 +609,50 @@ class GroupStore:
 
     def apply_received(self, max_records: int | None = None) -> int:
         """Apply received records past the applied watermark, strictly in sequence order, so
-        the image is always a prefix of the primary's history; return the applied seq."""
+        the image is always a prefix of the primary's history; return the applied seq. Records
+        come from the batches receive_shipped keeps in memory, else from the journal."""
         with self._apply_lock:
             self._check_usable()
-            start = self._applied.value + 1
-            if start > self._journal.durable_seq:
-                return self._applied.value
-            for record in self._journal.read_from(start, max_records):
-                with self._barrier.writer():
-                    try:
-                        self._apply_record(record)
-                    except BaseException as error:
-                        self._failure = error  # the replay at the next open retries it
-                        raise
-                self._applied.complete(record.seq)
+            budget = max_records if max_records is not None else 1 << 62
+            while budget > 0:
+                # Order: always the next seq after the applied watermark, from either source.
+                start = self._applied.value + 1
+                durable = self._journal.durable_seq
+                if start > durable:
+                    break
+                cached = self._received_from(start)
+                if isinstance(cached, tuple):
+                    first, entries = cached
+                    stop = min(len(entries), start - first + budget)
+                    for index in range(start - first, stop):
+                        kind, _, volume_id, length, lba, _, data, _ = entries[index]
+                        self._apply_received_one(first + index, kind, volume_id, lba, length, data)
+                    budget -= stop - (start - first)
+                    continue
+                last = durable if cached is None else min(durable, cached - 1)
+                count = min(budget, last - start + 1)
+                for record in self._journal.read_from(start, count):
+                    self._apply_received_one(
+                        record.seq,
+                        record.kind,
+                        record.volume_id,
+                        record.lba,
+                        record.length,
+                        record.data,
+                    )
+                budget -= count
             return self._applied.value
+
+    def _apply_received_one(
+        self, seq: int, kind: int, volume_id: int, lba: int, length: int, data: Buffer
+    ) -> None:
+        with self._barrier.writer():
+            try:
+                self._apply_fields(seq, kind, volume_id, lba, length, data)
+            except BaseException as error:
+                self._failure = error  # the replay at the next open retries it
+                raise
+        self._applied.complete(seq)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -557,16 +733,23 @@ class GroupStore:
         log.info("group %s: replayed %d journal records up to seq %d", self.name, count, last)
 
     def _apply_record(self, record: Record) -> None:
-        ov = self._volumes.get(record.volume_id)
+        self._apply_fields(
+            record.seq, record.kind, record.volume_id, record.lba, record.length, record.data
+        )
+
+    def _apply_fields(
+        self, seq: int, kind: int, volume_id: int, lba: int, length: int, data: Buffer
+    ) -> None:
+        ov = self._volumes.get(volume_id)
         if ov is None:
             raise JournalCorrupt(
-                f"group {self.name!r}: journal record seq {record.seq} names volume id "
-                f"{record.volume_id}, which is not in the group"
+                f"group {self.name!r}: journal record seq {seq} names volume id "
+                f"{volume_id}, which is not in the group"
             )
-        kind = RecordKind(record.kind)
-        offset = ov.volume.check_range(record.lba, ov.volume.blocks_of(record.lba, record.length))
-        data = memoryview(record.data) if kind is RecordKind.WRITE else None
-        self._apply(ov, kind, record.lba, offset, data, record.length)
+        record_kind = RecordKind(kind)
+        offset = ov.volume.check_range(lba, ov.volume.blocks_of(lba, length))
+        view = memoryview(data) if record_kind is RecordKind.WRITE else None
+        self._apply(ov, record_kind, lba, offset, view, length)
 
     def checkpoint(self) -> int:
         """Make every applied record durable in the volumes and record that; return the seq."""

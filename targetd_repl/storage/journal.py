@@ -62,9 +62,16 @@ from targetd_repl.storage.journal_record import (
     check_fields,
     decode_at,
     payload_size,
+    verify_at,
 )
 
-__all__ = ["DEFAULT_GROUP_COMMIT_WAIT", "DEFAULT_SEGMENT_SIZE", "Journal", "segment_name"]
+__all__ = [
+    "DEFAULT_GROUP_COMMIT_WAIT",
+    "DEFAULT_SEGMENT_SIZE",
+    "Journal",
+    "ShippedEntry",
+    "segment_name",
+]
 
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 # How long an fdatasync may wait for more appends to share it (see Journal._gather).
@@ -73,11 +80,14 @@ DEFAULT_GROUP_COMMIT_WAIT = 0.0005
 SYNC_ROUNDS = 16
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024, 1024)
 READ_CHUNK = 1 << 20
+_NO_WATCH = 1 << 64  # no tailer waits beyond a seq (above every seq)
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 _WRITE = int(RecordKind.WRITE)
 
 # The fields of one append: kind, epoch, volume_id, length, lba, timestamp_ns, data, data_crc.
 _Fields = tuple[int, int, int, int, int, int, bytes | memoryview, int]
+# A checked record of a shipped batch (Journal.check_shipped), in the order of _Fields.
+ShippedEntry = _Fields
 # One queued append: its seq and its fields.
 _Entry = tuple[int, _Fields]
 
@@ -200,7 +210,9 @@ class Journal:
         self._roll_waiting = False
         self._roll_requested = False
         self._io_threads = 0  # threads inside a syscall on our fds: close() waits for them
-        self._state_watchers = 0  # threads in wait_durable_beyond()
+        self._state_watchers = 0  # threads in wait_durable_beyond(), and close()
+        self._watch_seqs: list[int] = []  # the seqs they wait beyond
+        self._watch_min = _NO_WATCH  # the lowest of them
         self._closing = False
         self._closed = False
         self._failure: str | None = None
@@ -336,6 +348,43 @@ class Journal:
             None, (int(kind), epoch, volume_id, length, lba, time.time_ns(), data, data_crc)
         )
 
+    def append_batch(
+        self,
+        items: Sequence[tuple[RecordKind, int, int, bytes | bytearray | memoryview, int]],
+        *,
+        epoch: int,
+    ) -> int:
+        """Append local records (kind, volume_id, lba, data, length) as ONE group commit: one
+        lock round, one pwritev, one fdatasync for all of them. They get contiguous seqs in list
+        order; returns the last seq once every record is durable (the first is last -
+        len(items) + 1). All or nothing: each record is checked before any is queued, and
+        JournalFull (nothing appended) if the batch does not fit. Raises as `append`."""
+        if not items:
+            raise InvalidArgument("append_batch needs at least one record")
+        entries: list[_Fields] = []
+        now = time.time_ns()
+        crc = crc32c.crc32c
+        for kind, volume_id, lba, raw, length in items:
+            data = raw if type(raw) is bytes else memoryview(raw).cast("B")
+            size = len(data)
+            check_fields(
+                kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch
+            )
+            # The payload CRCs are computed before any lock is taken, as in append().
+            entries.append(
+                (
+                    int(kind),
+                    epoch,
+                    volume_id,
+                    length,
+                    lba,
+                    now,
+                    data,
+                    crc(data, 0, 0) if size else 0,
+                )
+            )
+        return self._queue_batch(None, entries)
+
     def append_record(self, record: Record) -> int:
         """Append a record replicated from the peer, keeping its seq, epoch and timestamp.
 
@@ -431,11 +480,116 @@ class Journal:
                     f"journal {self._path}: batch from seq {first} has seq {record.seq} "
                     f"at position {offset}"
                 )
+        return self._queue_batch(first, entries)
+
+    def append_shipped(
+        self,
+        buf: bytes | memoryview,
+        *,
+        first_seq: int,
+        count: int,
+        volume_map: Mapping[int, int],
+        peer_group_id: int | None = None,
+    ) -> int:
+        """Append a shipped batch, `count` records encoded back to back in `buf` (the sender's
+        journal bytes, as read_raw returns them), as ONE group commit; return the last seq once
+        durable: `check_shipped`, then `append_checked`."""
+        entries = self.check_shipped(
+            buf,
+            first_seq=first_seq,
+            count=count,
+            volume_map=volume_map,
+            peer_group_id=peer_group_id,
+        )
+        return self.append_checked(first_seq, entries)
+
+    def append_checked(self, first_seq: int, entries: list[ShippedEntry]) -> int:
+        """Append what `check_shipped` returned as ONE group commit (SequenceGap unless
+        first_seq is next_seq, JournalFull if it does not fit); return the last seq once
+        durable. The payloads are written from the checked buffer without a copy."""
+        return self._queue_batch(first_seq, entries)
+
+    def check_shipped(
+        self,
+        buf: bytes | memoryview,
+        *,
+        first_seq: int,
+        count: int,
+        volume_map: Mapping[int, int],
+        peer_group_id: int | None = None,
+    ) -> list[ShippedEntry]:
+        """Check a shipped batch and return its entries for `append_checked`, (kind, epoch,
+        volume_id, length, lba, timestamp_ns, data, data_crc) per record under our volume ids,
+        `data` a view into `buf` (keep `buf` alive and unchanged while they are used). The lean
+        form of append_records for the replication receiver: no Record objects, one CRC32C pass
+        over each payload, which both verifies the shipped CRC and restamps the header.
+
+        Every check comes before anything is queued: a record that does not verify is
+        JournalCorrupt; bytes that do not hold exactly `count` records from `first_seq`, a
+        volume id `volume_map` does not map, or (with `peer_group_id`) another group id, are
+        InvalidArgument; seqs that are not contiguous are SequenceGap."""
+        view = memoryview(buf).cast("B")
+        total = view.nbytes
+        entries: list[_Fields] = []
+        offset = 0
+        expected = first_seq
+        while offset < total:
+            fields, data_crc = verify_at(view, offset)
+            kind, group_id, seq, epoch, _, peer_volume, length, lba, timestamp_ns, _ = fields
+            if seq != expected:
+                if entries:
+                    raise SequenceGap(
+                        f"journal {self._path}: batch from seq {first_seq} has seq {seq} "
+                        f"at position {len(entries)}"
+                    )
+                raise InvalidArgument(
+                    f"batch claims {count} records from seq {first_seq}, its bytes hold "
+                    f"records from seq {seq}"
+                )
+            if peer_group_id is not None and group_id != peer_group_id:
+                raise InvalidArgument(
+                    f"record seq {seq} is for the peer's group {group_id}, "
+                    f"the stream is for group {peer_group_id}"
+                )
+            try:
+                volume_id = volume_map[peer_volume]
+            except KeyError:
+                raise InvalidArgument(
+                    f"record seq {seq} names the peer's volume id {peer_volume}, "
+                    "which maps to no volume of the group here"
+                ) from None
+            start = offset + HEADER_SIZE
+            size = length if kind == _WRITE else 0
+            entries.append(
+                (
+                    kind,
+                    epoch,
+                    volume_id,
+                    length,
+                    lba,
+                    timestamp_ns,
+                    view[start : start + size],
+                    data_crc,
+                )
+            )
+            offset = start + size
+            expected += 1
+        if len(entries) != count or not entries:
+            raise InvalidArgument(
+                f"batch claims {count} records from seq {first_seq}, its bytes hold {len(entries)}"
+            )
+        return entries
+
+    def _queue_batch(self, first: int | None, entries: list[_Fields]) -> int:
+        """Queue checked entries for seqs first.. (None: from next_seq, a local batch) as one
+        group commit and wait until durable; return the last seq."""
         # Queue the whole batch under one lock hold, then wait exactly as _enqueue does: the
         # records join the open batch, so one pwritev and one fdatasync cover them all.
-        last = first + len(entries) - 1
         with self._lock:
             self._check_usable()
+            if first is None:
+                first = self._next_seq  # seqs taken under the lock: contiguous, in list order
+            last = first + len(entries) - 1
             if first != self._next_seq:
                 raise SequenceGap(
                     f"journal {self._path}: got record seq {first}, expected {self._next_seq}"
@@ -781,7 +935,7 @@ class Journal:
             if batch.sync_waiter is not None:
                 wake.append(batch.sync_waiter)
                 batch.sync_waiter = None
-        if self._state_watchers:
+        if self._state_watchers and (self._durable_seq > self._watch_min or self._closing):
             self._state_cond.notify_all()
         return wake
 
@@ -873,6 +1027,60 @@ class Journal:
             last = min(last, seq + max_records - 1)
         return self._iter_records(seq, last)
 
+    def read_raw(self, seq: int, max_bytes: int) -> tuple[int, bytes]:
+        """The durable records from `seq` on as their stored bytes, back to back, with one pread:
+        (count, bytes). Stops at about `max_bytes` (at least one record), at the end of the
+        segment that holds `seq`, and at the durable_seq of this call; (0, b"") when `seq` is
+        not durable yet. For the replication sender, which ships these bytes as they are: the
+        receiver verifies every record's CRC32C. Only the first header is checked here (its
+        seq and group: the index must point at the record asked for).
+
+        Raises SequenceTrimmed when `seq` was trimmed away, JournalCorrupt on a short read or a
+        first header that names another record."""
+        with self._lock:
+            self._check_open()  # durable records stay readable after an I/O error
+            if seq < self._segments[0].first_seq:
+                raise SequenceTrimmed(
+                    f"journal {self._path}: seq {seq} was trimmed, the first kept is "
+                    f"{self._segments[0].first_seq}"
+                )
+            last = self._durable_seq
+            if seq > last:
+                return 0, b""
+            index = bisect.bisect_right(self._segment_starts, seq) - 1
+            seg = self._segments[index]
+            offsets = seg.offsets
+            base = seg.first_seq
+            start = offsets[seq - base]
+            most = min(last + 1, seg.end_seq)  # one past the last seq we may read
+            # offsets[i] is where record base + i starts, so where record base + i - 1 ends:
+            # the records up to the last that ends within max_bytes (at least one record).
+            limit = start + max_bytes
+            hi = min(most - base + 1, len(offsets))
+            stop = base + bisect.bisect_right(offsets, limit, seq - base + 1, hi) - 1
+            if stop == most - 1 and most == seg.end_seq and seg.size <= limit:
+                stop = most  # the segment's last record ends at its size
+            stop = max(stop, seq + 1)
+            end = offsets[stop - base] if stop < seg.end_seq else seg.size
+            # Open under the lock: trim() cannot unlink the file between lookup and open.
+            fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        if len(data) != end - start:
+            raise JournalCorrupt(
+                f"{seg.path}: reading seqs {seq}..{stop - 1}: {len(data)} of {end - start} bytes"
+            )
+        head_seq = int.from_bytes(data[12:20], "little")
+        head_group = int.from_bytes(data[8:12], "little")
+        if data[:4] != MAGIC or head_seq != seq or head_group != self._group_id:
+            raise JournalCorrupt(
+                f"{seg.path}: offset {start} holds seq {head_seq} of group {head_group}, "
+                f"expected seq {seq} of group {self._group_id}"
+            )
+        return stop - seq, data
+
     def _iter_records(self, seq: int, last: int) -> Iterator[Record]:
         while seq <= last:
             with self._lock:
@@ -935,7 +1143,12 @@ class Journal:
         journal closes while waiting, JournalError after an I/O error."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            self._state_watchers += 1  # appends notify _state_cond only when someone watches
+            # Appends notify _state_cond only when someone watches, and a commit only once it
+            # passes the lowest seq a watcher waits beyond: a tailer that waits for a batch of
+            # records is not woken (and does not take the GIL from the writers) at every one.
+            self._state_watchers += 1
+            self._watch_seqs.append(seq)
+            self._watch_min = min(self._watch_min, seq)
             try:
                 while self._durable_seq <= seq:
                     if self._failure is not None:
@@ -948,6 +1161,8 @@ class Journal:
                     self._state_cond.wait(remaining)
             finally:
                 self._state_watchers -= 1
+                self._watch_seqs.remove(seq)
+                self._watch_min = min(self._watch_seqs, default=_NO_WATCH)
             return self._durable_seq
 
     # --- space --------------------------------------------------------------------------------

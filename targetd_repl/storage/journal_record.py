@@ -43,6 +43,7 @@ U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
 _KINDS = {int(kind): kind for kind in RecordKind}
+_WRITE = int(RecordKind.WRITE)
 
 assert HEADER_SIZE == 64
 
@@ -193,6 +194,36 @@ def decode_at(buf: bytes | bytearray | memoryview, offset: int = 0) -> Record:
     When `buf` is a bytes object the record's data is a zero-copy view into it; otherwise the
     data is copied so the record does not alias mutable memory."""
     view = memoryview(buf)
+    fields, _ = verify_at(view, offset)
+    kind, group_id, seq, epoch, commit_floor, volume_id, length, lba, timestamp_ns, crc = fields
+    start = offset + HEADER_SIZE
+    data_view = view[start : start + payload_size(kind, length)]
+    data: bytes | memoryview = data_view if isinstance(buf, bytes) else data_view.tobytes()
+    return Record(
+        _KINDS[kind],
+        group_id,
+        seq,
+        epoch,
+        volume_id,
+        lba,
+        length,
+        timestamp_ns,
+        data,
+        commit_floor,
+        crc,
+    )
+
+
+# kind, group_id, seq, epoch, commit_floor, volume_id, length, lba, timestamp_ns, crc
+HeaderFields = tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+def verify_at(view: memoryview, offset: int = 0) -> tuple[HeaderFields, int]:
+    """Check the record that starts at `offset` of `view` (magic, version, kind, flags, commit
+    floor, size, CRC32C) without building a Record: return its header fields and the CRC32C of
+    its payload alone (what a receiving journal needs to restamp the header). The record ends
+    at offset + HEADER_SIZE + payload_size(kind, length). Raises JournalCorrupt naming the
+    first check that fails. The one decoder: decode_at and the receive path both use it."""
     available = view.nbytes - offset
     if available < HEADER_SIZE:
         raise JournalCorrupt(
@@ -221,8 +252,7 @@ def decode_at(buf: bytes | bytearray | memoryview, offset: int = 0) -> Record:
             f"record at offset {offset}: unsupported format version {version} "
             f"(this build reads {FORMAT_VERSION})"
         )
-    record_kind = _KINDS.get(kind)
-    if record_kind is None:
+    if kind not in _KINDS:
         raise JournalCorrupt(f"record seq {seq} at offset {offset}: unknown kind {kind}")
     if flags != 0:
         raise JournalCorrupt(f"record seq {seq} at offset {offset}: unknown flags {flags:#04x}")
@@ -230,34 +260,22 @@ def decode_at(buf: bytes | bytearray | memoryview, offset: int = 0) -> Record:
         raise JournalCorrupt(
             f"record seq {seq} at offset {offset}: commit_floor {commit_floor} is not below seq"
         )
-    size = length if record_kind is RecordKind.WRITE else 0
+    size = length if kind == _WRITE else 0
     start = offset + HEADER_SIZE
     if available - HEADER_SIZE < size:
         raise JournalCorrupt(
             f"record seq {seq} at offset {offset}: truncated data, "
             f"{available - HEADER_SIZE} of {size} bytes"
         )
-    data_view = view[start : start + size]
-    computed: int = crc32c.crc32c(view[offset : offset + CRC_OFFSET], crc32c.crc32c(data_view))
+    data_crc: int = crc32c.crc32c(view[start : start + size]) if size else 0
+    computed: int = crc32c.crc32c(view[offset : offset + CRC_OFFSET], data_crc)
     if computed != crc:
         raise JournalCorrupt(
             f"record seq {seq} at offset {offset}: CRC32C mismatch "
             f"(stored {crc:#010x}, computed {computed:#010x})"
         )
-    data: bytes | memoryview = data_view if isinstance(buf, bytes) else data_view.tobytes()
-    return Record(
-        record_kind,
-        group_id,
-        seq,
-        epoch,
-        volume_id,
-        lba,
-        length,
-        timestamp_ns,
-        data,
-        commit_floor,
-        crc,
-    )
+    fields = (kind, group_id, seq, epoch, commit_floor, volume_id, length, lba, timestamp_ns, crc)
+    return fields, data_crc
 
 
 def decode_record(buf: bytes | bytearray | memoryview) -> Record:

@@ -9,7 +9,7 @@ WRITE holds the range across its compare and its write for the same reason.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from targetd_repl.model import DEFAULT_REGION_SIZE
@@ -36,6 +36,25 @@ class RangeLock:
         regions = self._regions(offset, length)
         with self._released:
             # All-or-nothing acquisition: no partial holds, so no lock-order deadlock.
+            while not self._busy.isdisjoint(regions):
+                self._released.wait()
+            self._busy.update(regions)
+        try:
+            yield
+        finally:
+            with self._released:
+                self._busy.difference_update(regions)
+                self._released.notify_all()
+
+    @contextmanager
+    def hold_spans(self, spans: Iterable[tuple[int, int]]) -> Iterator[None]:
+        """Hold every region any (offset, length) span touches, all at once (a batch of writes:
+        spans may overlap one another; they are one holder, so they never wait on each other)."""
+        regions: set[int] = set()
+        for offset, length in spans:
+            regions.update(self._regions(offset, length))
+        with self._released:
+            # All-or-nothing, as hold(): no partial holds, so no lock-order deadlock.
             while not self._busy.isdisjoint(regions):
                 self._released.wait()
             self._busy.update(regions)

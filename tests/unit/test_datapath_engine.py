@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from targetd_repl.datapath.cdb import READ_10, WRITE_10
+from targetd_repl.datapath.cdb import READ_10, READ_16, WRITE_10, WRITE_16, WRITE_SAME_16
 from targetd_repl.datapath.engine_backend import EngineBackend
 from targetd_repl.datapath.fake_kernel import (
     FakeKernel,
@@ -97,3 +97,21 @@ def test_compare_and_write_goes_through_the_group(engine: StorageEngine, lun: Fa
     assert miss.status == CHECK_CONDITION and miss.sense[2] & 0x0F == MISCOMPARE
     assert int.from_bytes(miss.sense[3:7], "big") == 9  # first differing byte
     assert engine.read("v1", 7, 1) == b"b" * BS
+
+
+def test_write_same_16_unmap_of_a_whole_32_mib_lun_through_the_journal(
+    engine: StorageEngine,
+) -> None:
+    """libiscsi's WriteSame16.Unmap through the engine: one 32 MiB WRITE(16) (a journal record
+    larger than a segment), WRITE SAME(16) UNMAP of all of it, READ(16) reads zeros."""
+    n = 65536
+    engine.create_volume("conf", n * BS, group="g")
+    lun = ScsiDevice(EngineBackend(engine, "conf"))
+    ones = bytearray(b"\xff" * (n * BS))
+    assert lun.execute(cdb_rw(WRITE_16, 0, n), [memoryview(ones)]).status == 0
+    assert engine.read("conf", n - 1, 1) == b"\xff" * BS
+    assert lun.execute(cdb_rw(WRITE_SAME_16, 0, n, flags=0x08), [memoryview(bytes(BS))]).status == 0
+    back = bytearray(n * BS)
+    result = lun.execute(cdb_rw(READ_16, 0, n), [memoryview(back)])
+    assert result.status == 0 and result.data_in == n * BS
+    assert back == bytes(n * BS)

@@ -395,7 +395,9 @@ def test_protection_fields_and_transfer_limit(dev: ScsiDevice) -> None:
     too_many = ScsiConfig().max_transfer_bytes // BS + 1
     small = ScsiDevice(MemoryBackend("big", (too_many + 1) * BS))
     check(run(small, cdb_rw(READ_16, 0, too_many), data_in=BS)[0], 5, 0x2400, field=10)
-    check(run(small, cdb_rw(READ_10, 0, too_many), data_in=BS)[0], 5, 0x2400, field=7)
+    limited = ScsiDevice(small.backend, ScsiConfig(max_transfer_bytes=1 << 20))
+    check(run(limited, cdb_rw(READ_10, 0, 2049), data_in=BS)[0], 5, 0x2400, field=7)
+    good(run(limited, cdb_rw(READ_10, 0, 2048), data_in=2048 * BS)[0])
 
 
 def test_read_into_a_larger_buffer_reports_the_shorter_length(dev: ScsiDevice) -> None:
@@ -572,6 +574,32 @@ def test_write_same_of_zeros_unmap_and_ndob(dev: ScsiDevice, spy: Spy) -> None:
     assert (
         spy.kinds()[-1] == "write" and bytes(spy.inner.image[24 * BS : 26 * BS]) == pattern(1) * 2
     )
+
+
+def test_write_same_16_unmap_as_libiscsi_runs_it() -> None:
+    """libiscsi's WriteSame16.Unmap on a 32 MiB LUN (512-byte blocks): WRITE(16) 65536 blocks of
+    0xFF in ONE command, WRITE SAME(16) with UNMAP over them, READ(16) all 65536 back as zeros
+    (LBPRZ). The test sends those 32 MiB commands whatever MAXIMUM TRANSFER LENGTH says, so the
+    limit must cover them; with the old 8 MiB limit the WRITE and READ were INVALID FIELD IN CDB
+    and the blocks "did not read back as zero"."""
+    n = 65536
+    lun = ScsiDevice(MemoryBackend("conf", n * BS))
+    for i in (1, 255, 256):  # the test's loop, at the start and at the end of the LUN
+        for lba in (0, n - i):
+            good(run(lun, cdb_rw(WRITE_16, lba, i), data_out=b"\xff" * (i * BS))[0])
+            good(run(lun, cdb_rw(WS_16, lba, i, flags=0x08), data_out=bytes(BS))[0])
+            result, data = run(lun, cdb_rw(READ_16, lba, i), data_in=i * BS)
+            good(result)
+            assert data == bytes(i * BS)
+    good(run(lun, cdb_rw(WRITE_16, 0, n), data_out=b"\xff" * (n * BS))[0])
+    good(run(lun, cdb_rw(WS_16, 0, n, flags=0x08), data_out=bytes(BS))[0])
+    result, data = run(lun, cdb_rw(READ_16, 0, n), data_in=n * BS)
+    good(result)
+    assert data == bytes(n * BS)
+    assert struct.unpack_from(">I", vpd(lun, 0xB0), 8)[0] >= n  # MAXIMUM TRANSFER LENGTH
+    # ANCHOR is refused with or without UNMAP (ANC_SUP 0 in VPD 0xB2)
+    check(run(lun, cdb_rw(WS_16, 0, 1, flags=0x10), data_out=bytes(BS))[0], 5, 0x2400, field=1)
+    check(run(lun, cdb_rw(WS_16, 0, 1, flags=0x18), data_out=bytes(BS))[0], 5, 0x2400, field=1)
 
 
 def test_write_same_invalid(dev: ScsiDevice, spy: Spy) -> None:
