@@ -18,6 +18,11 @@ names exist. Every error is one line that names the key: `ConfigError`.
                                                 # the pair goes suspended-error
     link_timeout = 5.0                          # seconds without acknowledgement: link lost
     copy_rate = "200M"                          # resync copy limit per second; 0: none
+    bulk_lane = true                            # journal bytes over a plain TLS socket beside
+                                                # the gRPC stream (replication/bulk.py)
+    bulk_lane_port = 0                          # its TCP port on the listen host; 0: the OS
+                                                # chooses (set one where a firewall sits
+                                                # between the sites)
 
     [tls]                                       # required: site-to-site gRPC is mutual TLS
     ca = "/etc/targetd-repl/ca.pem"             # the CA both sites trust
@@ -30,6 +35,9 @@ names exist. Every error is one line that names the key: `ConfigError`.
 
     [peers.b]                                   # one table per peer site
     address = "198.51.100.7:7700"               # its replication address
+    bulk_lane_address = "198.51.100.7:7701"     # optional: where its bulk lane is reached when
+                                                # not at that host and the port it announces
+                                                # (a NAT or port forward between the sites)
 
     [export]                                    # optional: this controller owns the site's LIO
     portals = ["0.0.0.0:3260"]                  # iSCSI portals, IP:port (default 0.0.0.0:3260)
@@ -84,7 +92,9 @@ _ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9_.-]+)
 _SECTIONS: dict[str, frozenset[str]] = {
     "site": frozenset({"name", "state_dir", "log_level"}),
     "control": frozenset({"socket", "tcp_address"}),
-    "replication": frozenset({"listen", "sync_timeout", "link_timeout", "copy_rate"}),
+    "replication": frozenset(
+        {"listen", "sync_timeout", "link_timeout", "copy_rate", "bulk_lane", "bulk_lane_port"}
+    ),
     "tls": frozenset({"ca", "cert", "key"}),
     "journal": frozenset({"size_limit", "segment_size"}),
     "export": frozenset(
@@ -153,6 +163,7 @@ class TlsSettings:
 class PeerSettings:
     name: str
     address: str  # host:port of its replication endpoint
+    bulk_lane_address: str | None = None  # where to reach its bulk lane, if not there
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +179,8 @@ class ReplicationTuning:
     sync_timeout: float | None = None
     link_timeout: float | None = None
     copy_rate_bytes: int | None = None
+    bulk_lane: bool = True  # offer a bulk lane to senders, and ask peers for theirs
+    bulk_lane_port: int = 0  # 0: a port the OS chooses
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +465,8 @@ def parse(
         sync_timeout=reader.seconds(replication, "replication", "sync_timeout"),
         link_timeout=reader.seconds(replication, "replication", "link_timeout"),
         copy_rate_bytes=copy_rate,
+        bulk_lane=reader.boolean(replication, "replication", "bulk_lane", True),
+        bulk_lane_port=reader.integer(replication, "replication", "bulk_lane_port", 0, 65535) or 0,
     )
 
     tls_table = reader.section("tls")
@@ -494,9 +509,10 @@ def parse(
             raise reader.error(key, str(error)) from None
         if peer_name == name:
             raise reader.error(key, "a site cannot be its own peer")
-        reader.check_keys(key, table, frozenset({"address"}))
+        reader.check_keys(key, table, frozenset({"address", "bulk_lane_address"}))
         address = reader.address(table, key, "address", required=True, port_zero=False)
-        peers[peer_name] = PeerSettings(peer_name, address)
+        lane = reader.address(table, key, "bulk_lane_address", required=False, port_zero=False)
+        peers[peer_name] = PeerSettings(peer_name, address, lane or None)
 
     export = None
     if "export" in data:

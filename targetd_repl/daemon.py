@@ -121,6 +121,7 @@ def replication_settings(settings: SiteSettings) -> ReplicationSettings:
         sync_timeout=_or(tuning.sync_timeout, defaults.sync_timeout),
         link_timeout=_or(tuning.link_timeout, defaults.link_timeout),
         copy_rate_bytes=_or(tuning.copy_rate_bytes, defaults.copy_rate_bytes),
+        bulk=tuning.bulk_lane,
     )
 
 
@@ -248,7 +249,7 @@ class Controller:
         manager = ReplicationManager(
             engine,
             s.name,
-            {p.name: PeerSite(p.name, p.address) for p in s.peers.values()},
+            {p.name: PeerSite(p.name, p.address, p.bulk_lane_address) for p in s.peers.values()},
             tls,
             replication_settings(s),
         )
@@ -276,6 +277,17 @@ class Controller:
         host, _ = parse_address(s.replication_listen, allow_port_zero=True)
         port = _bind(replication, s.replication_listen, server_credentials(tls))
         replication_address = format_address(host, port)
+        lane_address = ""
+        if s.replication.bulk_lane:
+            try:
+                lane_address = format_address(
+                    host, manager.serve_lane(host, s.replication.bulk_lane_port)
+                )
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen for the bulk lane on {host}:{s.replication.bulk_lane_port}: "
+                    f"{error}"
+                ) from None
 
         # Control: the Unix socket, and TCP with mutual TLS if configured.
         control = grpc.server(
@@ -293,6 +305,7 @@ class Controller:
             replication_address=replication_address,
             control_socket=str(s.control_socket),
             control_address=control_address,
+            bulk_lane_address=lane_address,
         )
         service = ControlService(
             engine,
@@ -321,12 +334,13 @@ class Controller:
         self._stack.callback(s.endpoints_file.unlink, missing_ok=True)
         self.endpoints = endpoints
         log.info(
-            "site %s serving: control unix:%s%s, replication %s (mutual TLS), %d volume(s), "
+            "site %s serving: control unix:%s%s, replication %s%s (mutual TLS), %d volume(s), "
             "%d pair(s)",
             s.name,
             s.control_socket,
             f" and {control_address} (mutual TLS)" if control_address else "",
             replication_address,
+            f" and bulk lane {lane_address}" if lane_address else "",
             len(engine.list_volumes()),
             len(engine.metadata.list_pairs()),
         )
@@ -352,6 +366,7 @@ class Controller:
             "replication": endpoints.replication_address,
             "control_socket": endpoints.control_socket,
             "control_address": endpoints.control_address,
+            "bulk_lane": endpoints.bulk_lane_address,
             "started_at": time.time(),
         }
         atomic_write(

@@ -178,6 +178,7 @@ class Endpoints:
     replication_address: str
     control_socket: str
     control_address: str = ""
+    bulk_lane_address: str = ""  # "": no bulk lane offered (replication/bulk.py)
 
 
 class ControlService:

@@ -44,6 +44,7 @@ from targetd_repl.model import (
     check_name,
 )
 from targetd_repl.replication import wire
+from targetd_repl.replication.bulk import LaneListener
 from targetd_repl.replication.channel import TlsFiles, open_channel
 from targetd_repl.replication.errors import PeerUnavailable
 from targetd_repl.replication.handshake import HandshakeDecision, HandshakeView
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 class PeerSite:
     name: str
     address: str  # "host:port" of the peer's replication server
+    lane_address: str | None = None  # its bulk lane, if not at that host and announced port
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class ReplicationManager:
         self._primaries: dict[str, PrimaryPair] = {}
         self._secondaries: dict[str, SecondaryGroup] = {}
         self._started = False
+        self._lane: LaneListener | None = None
         # roles/: called with each runner or receiver before it starts (installs its hooks),
         # and with the group's name once its pair is deleted here (forgets its role changes)
         self.on_attach: Callable[[str, PrimaryPair | SecondaryGroup], None] | None = None
@@ -155,14 +158,36 @@ class ReplicationManager:
             runner.stop()
         for receiver in secondaries:
             receiver.stop()
+        with self._lock:
+            lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.close()
+
+    def serve_lane(self, host: str, port: int = 0) -> int:
+        """Offer a bulk lane (bulk.py) to the senders of this site's secondaries, listening on
+        `host`:`port` (0: a port the OS chooses, told to each sender in its stream's first
+        acknowledgement). Returns the port. Without it every stream stays on gRPC."""
+        with self._lock:
+            if self._lane is None:
+                self._lane = LaneListener(host, port, self._tls)
+            return self._lane.port
+
+    @property
+    def lane(self) -> LaneListener | None:
+        return self._lane
 
     def servicer(self) -> replication_pb2_grpc.ReplicationServicer:
         return ReplicationServicer(self)
 
-    def set_peer_address(self, name: str, address: str) -> None:
+    def set_peer_address(self, name: str, address: str, lane_address: str | None = None) -> None:
         check_name("site", name)
         with self._lock:
-            self._peers[name] = PeerSite(name, address)
+            self._peers[name] = PeerSite(name, address, lane_address)
+
+    def peer_lane_address(self, name: str) -> str | None:
+        with self._lock:
+            peer = self._peers.get(name)
+        return None if peer is None else peer.lane_address
 
     def peer_address(self, name: str) -> str:
         with self._lock:
@@ -182,6 +207,7 @@ class ReplicationManager:
                 site=self._site,
                 pair=pair,
                 address=self._address_of(pair.peer_site),
+                lane_address=self._lane_address_of(pair.peer_site),
                 tls=self._tls,
                 settings=self._settings,
                 region_size=self._region_size(),
@@ -251,6 +277,9 @@ class ReplicationManager:
 
     def _address_of(self, peer: str) -> Callable[[], str]:
         return lambda: self.peer_address(peer)
+
+    def _lane_address_of(self, peer: str) -> Callable[[], str | None]:
+        return lambda: self.peer_lane_address(peer)
 
     @staticmethod
     def _region_size() -> int:

@@ -40,6 +40,7 @@ while holding `_lock`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -55,7 +56,8 @@ from targetd_repl.errors import (
     TargetdReplError,
 )
 from targetd_repl.model import PairInfo, PairMode, PairState, RecordKind, Role
-from targetd_repl.replication import wire
+from targetd_repl.replication import bulk, wire
+from targetd_repl.replication.bulk import LaneSender
 from targetd_repl.replication.channel import TlsFiles, open_channel
 from targetd_repl.replication.errors import PeerUnavailable, StaleEpoch
 from targetd_repl.replication.handshake import (
@@ -72,7 +74,7 @@ from targetd_repl.replication.tracking import ReplicationState, UnsentBitmaps
 from targetd_repl.roles import pair_state
 from targetd_repl.roles.pair_state import Event
 from targetd_repl.storage.group_store import GroupStore
-from targetd_repl.storage.journal import Journal
+from targetd_repl.storage.journal import Journal, RawRun
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.v1 import replication_pb2, replication_pb2_grpc
 
@@ -93,6 +95,15 @@ def adopts_history_now(decision: HandshakeDecision) -> bool:
     """A journal resume keeps the target a prefix of the source's history: it takes the
     source's newer epoch entries at once (a copy's target takes them when the copy is done)."""
     return decision.action in (Action.RESUME_JOURNAL, Action.NOTHING_TO_DO)
+
+
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """A batch the bulk lane sends straight from the journal's file (Journal.open_raw)."""
+
+    epoch: int
+    first_seq: int
+    run: RawRun
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,9 @@ class _Session:
         self.last_ack = time.monotonic()
         self.copy_last_seq: int | None = None  # set when the copier has appended every copy
         self.copier: threading.Thread | None = None
+        self.first_ack = threading.Event()  # the receiver's first acknowledgement arrived
+        self.lane_offer: tuple[int, bytes] | None = None  # its bulk lane (port, token), if any
+        self.lane: LaneSender | None = None
 
     def stop(self, *, by_command: bool = False, failure: str | None = None) -> None:
         if by_command:
@@ -138,9 +152,13 @@ class _Session:
         if failure is not None and self.failure is None:
             self.failure = failure
         self.stopped.set()
+        self.first_ack.set()  # a sender waiting for the offer goes on to see the stop
         call = self.call
         if call is not None:
             call.cancel()
+        lane = self.lane
+        if lane is not None:
+            lane.close()  # a sender blocked in a send fails and ends
 
 
 class PrimaryPair:
@@ -155,6 +173,7 @@ class PrimaryPair:
         pair: PairInfo,
         address: Callable[[], str],
         tls: TlsFiles | None,
+        lane_address: Callable[[], str | None] = lambda: None,
         settings: ReplicationSettings,
         region_size: int,
     ) -> None:
@@ -163,6 +182,7 @@ class PrimaryPair:
         self._site = site
         self._pair = pair
         self._address = address
+        self._lane_address = lane_address
         self._tls = tls
         self._settings = settings
         self._lock = threading.RLock()
@@ -198,6 +218,7 @@ class PrimaryPair:
         self._unsent = UnsentBitmaps.open(store.group_dir, volumes, region_size)
         self._block = {vid: store.volume(vid).info.block_size for vid in store.volume_ids()}
         self._tracking = pair.state in _TRACKING_STATES
+        self._lane_retry_at = 0.0  # ask for a bulk lane from then on
         self.on_ack: Callable[[int, int], None] | None = None  # (acked seq, applied seq): benches
         # roles/ (role changes): a plan for the stream (failback, resolve), extra view fields
         # (changed bitmap, switchover backlog, survivor), a journal floor kept for a plan, and
@@ -976,6 +997,10 @@ class PrimaryPair:
                 )
                 session.copier.start()
             for ack in call:
+                if not session.first_ack.is_set():
+                    if ack.bulk_port:
+                        session.lane_offer = (ack.bulk_port, ack.bulk_token)
+                    session.first_ack.set()
                 self._on_ack(ack, session)
         except grpc.RpcError as error:
             if self._ended_on_purpose(session):
@@ -1001,8 +1026,10 @@ class PrimaryPair:
     # --- the request stream ---------------------------------------------------------------------
 
     def _requests(self, session: _Session) -> Iterator[replication_pb2.ShipRequest | bytes]:
+        """The Ship call's request stream: the opening, then every message on gRPC, or
+        nothing more when the receiver offers a bulk lane (the messages go over it)."""
         store = self._store
-        settings = self._settings
+        ask_lane = self._settings.bulk and time.monotonic() >= self._lane_retry_at
         yield replication_pb2.ShipRequest(
             open=replication_pb2.ShipOpen(
                 group=store.name,
@@ -1011,8 +1038,73 @@ class PrimaryPair:
                 start_seq=session.start_seq,
                 resync=session.resync,
                 volumes=self._volumes(),
+                bulk=ask_lane,
             )
         )
+        if ask_lane:
+            session.first_ack.wait(self._settings.link_timeout)
+            if session.lane_offer is not None and not session.stopped.is_set():
+                self._send_on_lane(session, *session.lane_offer)
+                return
+        for item in self._outgoing(session):
+            if isinstance(item, tuple):
+                yield wire.encode_batch_request(*item)
+            elif isinstance(item, replication_pb2.ShipRequest):
+                yield item
+
+    def _send_on_lane(self, session: _Session, port: int, token: bytes) -> None:
+        """Send the stream's messages over the bulk lane the receiver offered (bulk.py) until
+        the session stops. A lane that cannot be opened ends the session; the next one asks
+        for no lane for a while (a firewall may block the lane's port but not gRPC's)."""
+        override = self._lane_address()
+        if override is not None:  # a NAT or port forward: the peer's own port means nothing here
+            host, port = bulk.host_of(override), int(override.rpartition(":")[2])
+        else:
+            host = bulk.host_of(self._address())
+        try:
+            lane = bulk.open_lane(
+                host, port, token, self.peer, self._tls, self._settings.link_timeout
+            )
+            log.info("pair %s: shipping over the bulk lane to %s:%d", self.group, host, port)
+        except PeerUnavailable as error:
+            self._lane_retry_at = time.monotonic() + LANE_RETRY_AFTER
+            log.warning("pair %s: %s; the next streams stay on gRPC for a while", self.group, error)
+            session.stop(failure=str(error))
+            return
+        session.lane = lane
+        try:
+            if session.stopped.is_set():
+                return
+            for item in self._outgoing(session, files=lane.zero_copy):
+                if isinstance(item, RawBatch):
+                    run = item.run
+                    try:
+                        lane.send_file(
+                            item.epoch, item.first_seq, run.count, run.fd, run.offset, run.length
+                        )
+                    finally:
+                        os.close(run.fd)
+                elif isinstance(item, tuple):
+                    lane.send_batch(*item)
+                else:
+                    lane.send_message(item.SerializeToString())
+        except OSError as error:
+            # The receiver ends the gRPC call with the reason (a refused batch): wait for that
+            # status rather than report the closed lane.
+            if not session.stopped.wait(self._settings.link_timeout):
+                session.stop(failure=f"bulk lane to site {self.peer}: {error}")
+        finally:
+            lane.close()
+
+    def _outgoing(
+        self, session: _Session, *, files: bool = False
+    ) -> Iterator[tuple[int, int, int, bytes] | RawBatch | replication_pb2.ShipRequest]:
+        """The stream's messages after the opening, in order, until the session stops: a
+        batch as (epoch, first seq, count, the journal's stored bytes of its records) or, with
+        `files`, as a RawBatch (the journal's file left open where those bytes are: the
+        consumer sends and closes it), or a ShipRequest (resync_done, heartbeat)."""
+        store = self._store
+        settings = self._settings
         next_seq = session.start_seq
         last_sent = time.monotonic()
         done_sent = False
@@ -1047,8 +1139,14 @@ class PrimaryPair:
                         session.stop(failure=f"journal: {error}")
                         return
                 try:
-                    # The journal's bytes as stored, one pread: the receiver verifies each CRC.
-                    count, payload = journal.read_raw(next_seq, settings.batch_bytes)
+                    # The journal's bytes as stored: the receiver verifies each CRC.
+                    run = None
+                    if files:
+                        run = journal.open_raw(next_seq, settings.batch_bytes)
+                        count, size, head = (0, 0, b"") if run is None else run.shape
+                    else:
+                        count, payload = journal.read_raw(next_seq, settings.batch_bytes)
+                        size, head = len(payload), payload
                 except SequenceTrimmed as error:
                     session.stop(failure=f"journal trimmed under the sender: {error}")
                     return
@@ -1058,12 +1156,15 @@ class PrimaryPair:
                 if not count:
                     continue
                 last = next_seq + count - 1
-                first_ts = int.from_bytes(payload[_TS_AT : _TS_AT + 8], "little")
+                first_ts = int.from_bytes(head[_TS_AT : _TS_AT + 8], "little")
                 with self._lock:
-                    self._inflight.append((last, len(payload), first_ts))
-                    self._inflight_bytes += len(payload)
+                    self._inflight.append((last, size, first_ts))
+                    self._inflight_bytes += size
                 # Order: batches go out in seq order on the one stream, each right after the last.
-                yield wire.encode_batch_request(store.info.epoch, next_seq, count, payload)
+                if run is not None:
+                    yield RawBatch(store.info.epoch, next_seq, run)
+                else:
+                    yield (store.info.epoch, next_seq, count, payload)
                 next_seq = last + 1
                 last_sent = time.monotonic()
                 continue
@@ -1136,6 +1237,7 @@ class PrimaryPair:
             session.stop(failure=f"resync copy: {error}")
 
 
+LANE_RETRY_AFTER = 300.0  # seconds a pair whose bulk lane failed to open ships over gRPC only
 _TS_AT = 52  # offset of timestamp_ns in a record header (journal_record.py)
 
 

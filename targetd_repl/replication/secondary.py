@@ -375,29 +375,32 @@ class SecondaryGroup:
         if stream != self._stream_id:
             raise Aborted(f"group {self.group!r}: this stream was superseded by a newer one")
 
-    def receive_batch(self, stream: int, msg: replication_pb2.RecordBatch) -> None:
-        """Store one batch durably in the receive journal (one write, one fdatasync) or refuse
-        it whole: every CRC is verified and every seq checked before anything is stored."""
-        records = msg.records  # one copy out of the message, read without decoding into Records
+    def receive_batch(
+        self, stream: int, epoch: int, first_seq: int, count: int, records: bytes | bytearray
+    ) -> None:
+        """Store one batch (`count` records from `first_seq`, as the sender's journal stored
+        them) durably in the receive journal (one write, one fdatasync) or refuse it whole:
+        every CRC is verified and every seq checked before anything is stored. `records` must
+        stay unchanged afterwards: the applier reads the newest batches from it."""
         with self._lock:
             self._check_stream(stream)
-            self._check_epoch(msg.epoch, self._pair.peer_site)
+            self._check_epoch(epoch, self._pair.peer_site)
             store = self._store
             # Order: a batch is stored only right after the seq the journal holds last.
-            if msg.first_seq != store.journal.next_seq:
+            if first_seq != store.journal.next_seq:
                 raise SequenceGap(
-                    f"group {self.group!r}: out-of-order batch from seq {msg.first_seq}, "
+                    f"group {self.group!r}: out-of-order batch from seq {first_seq}, "
                     f"expected seq {store.journal.next_seq}"
                 )
             try:
-                store.receive_shipped(records, msg.first_seq, msg.count, self._volume_map)
+                store.receive_shipped(memoryview(records), first_seq, count, self._volume_map)
             except JournalFull:
                 if self._rstate.hold_apply:
                     raise  # held records cannot be applied early (roles/ bulk copy running)
                 # The applier is behind: apply and trim here, then try once more.
                 store.apply_received()
                 store.checkpoint_and_trim()
-                store.receive_shipped(records, msg.first_seq, msg.count, self._volume_map)
+                store.receive_shipped(memoryview(records), first_seq, count, self._volume_map)
         with self._applied_cond:
             self._applied_cond.notify_all()
 

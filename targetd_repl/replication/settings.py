@@ -38,3 +38,4 @@ class ReplicationSettings:
     ack_persist_interval: float = 0.2  # how often the acknowledged seq is written to metadata
     trim_interval: float = 1.0  # how often a checkpoint + trim runs outside the write path
     apply_batch: int = 4096  # records the secondary applies per step
+    bulk: bool = True  # ask the receiver for a bulk lane (bulk.py); it may offer none

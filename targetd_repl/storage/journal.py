@@ -35,6 +35,7 @@ from _thread import LockType, allocate_lock
 from array import array
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +59,7 @@ from targetd_repl.storage.journal_record import (
     HEADER_SIZE,
     MAGIC,
     U32_MAX,
+    U64_MAX,
     Record,
     check_fields,
     decode_at,
@@ -70,6 +72,7 @@ __all__ = [
     "DEFAULT_SEGMENT_SIZE",
     "Journal",
     "ShippedEntry",
+    "pwritev_all",
     "segment_name",
 ]
 
@@ -83,6 +86,10 @@ READ_CHUNK = 1 << 20
 _NO_WATCH = 1 << 64  # no tailer waits beyond a seq (above every seq)
 SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 _WRITE = int(RecordKind.WRITE)
+# Payloads from this size on get their CRC32C computed without the GIL (crc32c's
+# gil_release_mode): the data path's loop thread parses and serves reads meanwhile. Smaller ones
+# keep it: taking the GIL back may wait a switch interval, far more than their CRC costs.
+_GIL_FREE_CRC = 64 << 10
 
 # The fields of one append: kind, epoch, volume_id, length, lba, timestamp_ns, data, data_crc.
 _Fields = tuple[int, int, int, int, int, int, bytes | memoryview, int]
@@ -166,6 +173,24 @@ class _Batch:
         # Role waiters wake too; they see `finished` and return (or raise `error`).
         self.grant_lead()
         self.grant_sync()
+
+
+@dataclass(frozen=True, slots=True)
+class RawRun:
+    """A run of durable records as stored (Journal.open_raw): `length` bytes at `offset` of
+    the open file `fd` (the caller closes it), `count` records, the first one's header."""
+
+    path: Path
+    fd: int
+    offset: int
+    length: int
+    count: int
+    head: bytes
+
+    @property
+    def shape(self) -> tuple[int, int, bytes]:
+        """(count, length, head)."""
+        return self.count, self.length, self.head
 
 
 class Journal:
@@ -342,8 +367,9 @@ class Journal:
         if length is None:
             length = size
         check_fields(kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch)
-        # The payload CRC is the costly part: compute it before taking any lock.
-        data_crc: int = crc32c.crc32c(data, 0, 0) if size else 0
+        # The payload CRC is the costly part: compute it before taking any lock (and a large
+        # payload's without the GIL, see _GIL_FREE_CRC).
+        data_crc: int = crc32c.crc32c(data, 0, size >= _GIL_FREE_CRC) if size else 0
         return self._enqueue(
             None, (int(kind), epoch, volume_id, length, lba, time.time_ns(), data, data_crc)
         )
@@ -364,13 +390,22 @@ class Journal:
         entries: list[_Fields] = []
         now = time.time_ns()
         crc = crc32c.crc32c
+        epoch_ok = 0 <= epoch <= U64_MAX
         for kind, volume_id, lba, raw, length in items:
             data = raw if type(raw) is bytes else memoryview(raw).cast("B")
             size = len(data)
-            check_fields(
-                kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch
-            )
-            # The payload CRCs are computed before any lock is taken, as in append().
+            if not (
+                kind == _WRITE
+                and size == length <= U32_MAX
+                and 0 <= volume_id <= U32_MAX
+                and 0 <= lba <= U64_MAX
+                and epoch_ok
+            ):  # not a plain WRITE record the header holds: the full checks say why, or pass
+                check_fields(
+                    kind, volume_id=volume_id, lba=lba, length=length, data_size=size, epoch=epoch
+                )
+            # The payload CRCs are computed before any lock is taken, as in append(); a large
+            # payload's without the GIL (see _GIL_FREE_CRC).
             entries.append(
                 (
                     int(kind),
@@ -380,7 +415,7 @@ class Journal:
                     lba,
                     now,
                     data,
-                    crc(data, 0, 0) if size else 0,
+                    crc(data, 0, size >= _GIL_FREE_CRC) if size else 0,
                 )
             )
         return self._queue_batch(None, entries)
@@ -821,7 +856,7 @@ class Journal:
             pos += HEADER_SIZE + len(data)
             at += HEADER_SIZE
         assert seg.write_fd is not None
-        _pwritev_all(seg.write_fd, iov, seg.size, nbytes)
+        pwritev_all(seg.write_fd, iov, seg.size, nbytes)
         with self._lock:
             seg.offsets.extend(offsets)
             seg.size = pos
@@ -1037,6 +1072,24 @@ class Journal:
 
         Raises SequenceTrimmed when `seq` was trimmed away, JournalCorrupt on a short read or a
         first header that names another record."""
+        run = self.open_raw(seq, max_bytes)
+        if run is None:
+            return 0, b""
+        try:
+            data = os.pread(run.fd, run.length, run.offset)
+        finally:
+            os.close(run.fd)
+        if len(data) != run.length:
+            raise JournalCorrupt(
+                f"{run.path}: reading {run.count} records from seq {seq}: {len(data)} of "
+                f"{run.length} bytes"
+            )
+        return run.count, data
+
+    def open_raw(self, seq: int, max_bytes: int) -> RawRun | None:
+        """Where `read_raw` would read, as an open file: the caller sends the bytes (sendfile)
+        and closes `fd`. None when `seq` is not durable yet; the first header is read and
+        checked (same errors as read_raw)."""
         with self._lock:
             self._check_open()  # durable records stay readable after an I/O error
             if seq < self._segments[0].first_seq:
@@ -1046,7 +1099,7 @@ class Journal:
                 )
             last = self._durable_seq
             if seq > last:
-                return 0, b""
+                return None
             index = bisect.bisect_right(self._segment_starts, seq) - 1
             seg = self._segments[index]
             offsets = seg.offsets
@@ -1065,21 +1118,18 @@ class Journal:
             # Open under the lock: trim() cannot unlink the file between lookup and open.
             fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = os.pread(fd, end - start, start)
-        finally:
+            head = os.pread(fd, HEADER_SIZE, start)
+            head_seq = int.from_bytes(head[12:20], "little")
+            head_group = int.from_bytes(head[8:12], "little")
+            if head[:4] != MAGIC or head_seq != seq or head_group != self._group_id:
+                raise JournalCorrupt(
+                    f"{seg.path}: offset {start} holds seq {head_seq} of group {head_group}, "
+                    f"expected seq {seq} of group {self._group_id}"
+                )
+        except BaseException:
             os.close(fd)
-        if len(data) != end - start:
-            raise JournalCorrupt(
-                f"{seg.path}: reading seqs {seq}..{stop - 1}: {len(data)} of {end - start} bytes"
-            )
-        head_seq = int.from_bytes(data[12:20], "little")
-        head_group = int.from_bytes(data[8:12], "little")
-        if data[:4] != MAGIC or head_seq != seq or head_group != self._group_id:
-            raise JournalCorrupt(
-                f"{seg.path}: offset {start} holds seq {head_seq} of group {head_group}, "
-                f"expected seq {seq} of group {self._group_id}"
-            )
-        return stop - seq, data
+            raise
+        return RawRun(seg.path, fd, start, end - start, stop - seq, head)
 
     def _iter_records(self, seq: int, last: int) -> Iterator[Record]:
         while seq <= last:
@@ -1261,7 +1311,7 @@ def _u32(buf: bytes, at: int) -> int:
     return int.from_bytes(buf[at : at + 4], "little")
 
 
-def _pwritev_all(fd: int, iov: list[bytes | memoryview], offset: int, nbytes: int) -> None:
+def pwritev_all(fd: int, iov: list[bytes | memoryview], offset: int, nbytes: int) -> None:
     """pwritev all of `iov` at `offset`, IOV_MAX buffers per call, resuming after short writes."""
     if len(iov) <= IOV_MAX:
         written = os.pwritev(fd, iov, offset)

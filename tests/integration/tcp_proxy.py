@@ -8,6 +8,9 @@ Faults, switchable at any time from the test:
   * cut(): close every connection now (resets both ends); new connections are still accepted;
   * refuse(): cut, and close new connections at once (the peer looks down);
   * heal(): back to normal forwarding (drop and refuse off, delay and rate kept).
+
+`route(target)` adds a second listener (its own port) to the same proxy: its connections see
+the same faults (a replication link and its bulk lane, say, are one link).
 """
 
 from __future__ import annotations
@@ -20,10 +23,6 @@ import time
 
 class TcpProxy:
     def __init__(self, target: tuple[str, int]) -> None:
-        self._target = target
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._delay = 0.0
@@ -33,12 +32,16 @@ class TcpProxy:
         self._closed = False
         self.bytes_forwarded = 0
         self.connections = 0
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
+        self._listeners: list[tuple[socket.socket, threading.Thread]] = []
+        self.port: int = self._listen(target)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def route(self, target: tuple[str, int]) -> str:
+        """Forward another port (the address returned) to `target`, under the same faults."""
+        return f"127.0.0.1:{self._listen(target)}"
 
     # --- faults ------------------------------------------------------------------------------
 
@@ -70,15 +73,25 @@ class TcpProxy:
     def close(self) -> None:
         self._closed = True
         self.cut()
-        self._listener.close()
-        self._thread.join(timeout=5)
+        for listener, thread in self._listeners:
+            listener.close()
+            thread.join(timeout=5)
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
+    def _listen(self, target: tuple[str, int]) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        thread = threading.Thread(target=self._accept_loop, args=(listener, target), daemon=True)
+        self._listeners.append((listener, thread))
+        thread.start()
+        port: int = listener.getsockname()[1]
+        return port
+
+    def _accept_loop(self, listener: socket.socket, target: tuple[str, int]) -> None:
         while not self._closed:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -87,7 +100,7 @@ class TcpProxy:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self._target, timeout=2)
+                upstream = socket.create_connection(target, timeout=2)
             except OSError:
                 client.close()
                 continue

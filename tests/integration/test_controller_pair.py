@@ -72,6 +72,9 @@ def test_async_pair_created_through_the_cli_converges(cluster: MakeCluster) -> N
     wait_pair(b, "db", lambda s: s["applied_seq"] >= status["last_seq"])
     for volume, size in (("v1", 4 * MiB), ("v2", 2 * MiB)):
         assert digest(a, volume, size) == digest(b, volume, size), volume
+    # The journal went over b's bulk lane (mutual TLS), announced in its endpoints file.
+    assert b.endpoints["bulk_lane"].startswith("127.0.0.1:")
+    assert "shipping over the bulk lane" in a.log_text()
 
     # What the secondary shows through the CLI.
     groups = {g["name"]: g for g in b.cli_json("group", "list")}

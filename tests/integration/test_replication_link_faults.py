@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from targetd_repl.model import PairMode, PairState
 from tests.integration.tcp_proxy import TcpProxy
 from tests.unit.test_replication_support import (
@@ -25,10 +27,13 @@ from tests.unit.test_replication_support import (
 VOLUMES = ["v1", "v2"]
 
 
-def test_delay_cut_drop_reconnect_under_load(tmp_path: Path) -> None:
-    a, b = two_sites(tmp_path)
+@pytest.mark.parametrize("lane", [False, True], ids=["grpc", "bulk-lane"])
+def test_delay_cut_drop_reconnect_under_load(tmp_path: Path, lane: bool) -> None:
+    a, b = two_sites(tmp_path, lane=lane)
     proxy = TcpProxy(("127.0.0.1", b.port))
-    a.manager.set_peer_address("site-b", proxy.address)
+    # With a bulk lane, the lane crosses the same faulty link as the gRPC stream.
+    lane_address = proxy.route(("127.0.0.1", b.lane_port)) if lane else None
+    a.manager.set_peer_address("site-b", proxy.address, lane_address=lane_address)
     try:
         make_group(a, "g", VOLUMES)
         a.manager.create_pair("g", "site-b", PairMode.ASYNC)
@@ -61,6 +66,8 @@ def test_delay_cut_drop_reconnect_under_load(tmp_path: Path) -> None:
         sampler.join()
         assert PairState.SUSPENDED_ERROR in states or proxy.connections >= 3
         assert proxy.connections >= 3  # it reconnected after the cut and after the drop
+        if lane:  # every stream after a reconnect opened its lane again
+            assert b.manager.lane is not None and b.manager.lane.admitted >= 2
         for volume in VOLUMES:
             assert image(b, volume) == image(a, volume), volume
         for applied, images in prefixes.samples:

@@ -30,6 +30,10 @@ pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 FAST = {"link_timeout": 1.0, "sync_timeout": 1.0}
+# The tests that shape the link with a TcpProxy in front of the gRPC port keep the journal on
+# gRPC: a bulk lane is reached at the port its receiver announces, past the proxy. The lane under
+# link faults is tested in test_replication_link_faults (through a proxy route).
+PROXIED: dict[str, str | int | float] = {**FAST, "bulk_lane": False}
 
 
 def _pair_up(site_a: Site, group: str, size: str = "16M", mode: str = "async") -> None:
@@ -84,7 +88,7 @@ def test_failover_after_the_primary_dies_mid_stream(cluster: MakeCluster) -> Non
     """kill -9 of the primary under async load with a slow link: the secondary promoted by
     `failover` is exactly a prefix of the acknowledged writes; it accepts writes; the old
     primary, restarted, is fenced and never serves a write again."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     proxy = TcpProxy(("127.0.0.1", int(b.replication_address.rsplit(":", 1)[1])))
     try:
@@ -152,7 +156,7 @@ def test_failback_moves_only_the_changed_regions(cluster: MakeCluster) -> None:
     primary is fenced; `failback` saves its unsent writes in a snapshot, rolls them back and
     receives the new primary's changes: only the union of the two bitmaps crosses the link, new
     writes keep flowing meanwhile, and both images end equal to the acknowledged writes."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     to_b = TcpProxy(("127.0.0.1", _port(b.replication_address)))
     to_a = TcpProxy(("127.0.0.1", _port(a.replication_address)))
@@ -245,7 +249,7 @@ def test_switchover_under_load_with_a_backlog(cluster: MakeCluster) -> None:
     once; the old primary refuses writes from that moment; the new one serves reads of regions
     still on the old primary by fetching them (copy-on-read) and its new writes win over the
     backlog still arriving; once drained, replication runs the other way."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     to_b = TcpProxy(("127.0.0.1", _port(b.replication_address)))
     to_a = TcpProxy(("127.0.0.1", _port(a.replication_address)))
@@ -310,7 +314,7 @@ def test_split_brain_and_its_resolution(cluster: MakeCluster) -> None:
     they reconnect the handshake refuses and `pair status` says split-brain on both. `resolve
     --survivor b`, run at the loser, keeps b's data, saves a's divergent regions in a snapshot
     and copies only the union of the divergent regions; the pair ends paired, b primary."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     to_b = TcpProxy(("127.0.0.1", _port(b.replication_address)))
     to_a = TcpProxy(("127.0.0.1", _port(a.replication_address)))
@@ -457,7 +461,7 @@ def _until(check: object, timeout: float = 60.0) -> None:
 def test_failback_survives_kills_of_either_site(cluster: MakeCluster) -> None:
     """SIGKILL of the target, then of the source, while the failback copies on a slow link:
     each restart resumes it (a new plan from a new snapshot), and it completes exactly."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     to_a = TcpProxy(("127.0.0.1", _port(a.replication_address)))
     try:
@@ -507,7 +511,7 @@ def test_failback_survives_kills_of_either_site(cluster: MakeCluster) -> None:
 def test_switchover_survives_kills_of_either_site(cluster: MakeCluster) -> None:
     """SIGKILL of the new primary, then of the old one, while a switchover drains on a slow
     link: the drain resumes after each restart and ends with equal images."""
-    c = cluster("a", "b", replication_options=FAST)
+    c = cluster("a", "b", replication_options=PROXIED)
     a, b = c["a"], c["b"]
     to_b = TcpProxy(("127.0.0.1", _port(b.replication_address)))
     to_a = TcpProxy(("127.0.0.1", _port(a.replication_address)))

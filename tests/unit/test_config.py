@@ -93,6 +93,29 @@ def test_replication_tuning() -> None:
     assert unlimited.replication.copy_rate_bytes == 0
 
 
+def test_bulk_lane_settings() -> None:
+    default = parse_text(GOOD)
+    assert default.replication.bulk_lane and default.replication.bulk_lane_port == 0
+    assert default.peers["b"].bulk_lane_address is None
+    s = parse_text(
+        GOOD.replace(
+            'listen = "127.0.0.1:0"',
+            'listen = "127.0.0.1:0"\nbulk_lane = false\nbulk_lane_port = 7711',
+        ).replace(
+            'address = "127.0.0.1:7701"',
+            'address = "127.0.0.1:7701"\nbulk_lane_address = "127.0.0.1:7712"',
+        )
+    )
+    assert not s.replication.bulk_lane and s.replication.bulk_lane_port == 7711
+    assert s.peers["b"].bulk_lane_address == "127.0.0.1:7712"
+    for bad, message in [
+        ("bulk_lane = 1", r"replication\.bulk_lane: must be true or false"),
+        ("bulk_lane_port = 70000", r"replication\.bulk_lane_port: must be a whole number 0-65535"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_text(GOOD.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:0"\n{bad}'))
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [("0", 0), ("4096", 4096), ("1K", 1024), ("1k", 1024), ("64M", 64 << 20), ("1G", 1 << 30),
@@ -151,7 +174,7 @@ BAD: list[tuple[str, str]] = [
     (GOOD.replace("[peers.b]", "[peers.a]"), r"peers\.a: a site cannot be its own peer"),
     (GOOD.replace("[peers.b]", '[peers."b c"]'), r"peers\.b c: invalid site name 'b c'"),
     (GOOD.replace('address = "127.0.0.1:7701"', 'address = "127.0.0.1:7701"\nport = 2'),
-     r"peers\.b\.port: unknown key \(known: address\)"),
+     r"peers\.b\.port: unknown key \(known: address, bulk_lane_address\)"),
     (GOOD.replace('[peers.b]\naddress = "127.0.0.1:7701"', '[peers]\nb = "127.0.0.1:7701"'),
      r"peers\.b: must be a table"),
     (GOOD.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nsync_timeout = 0'),

@@ -3,6 +3,7 @@ persisted state, and fencing of a stale primary."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -157,7 +158,9 @@ def test_suspend_resume_within_the_journal_resumes_shipping(tmp_path: Path) -> N
 
 def test_journal_full_tracks_in_the_bitmap_and_catches_up(tmp_path: Path) -> None:
     storage = GroupSettings(journal_size_limit=2 << 20, journal_segment_size=128 << 10)
-    a, b = two_sites(tmp_path, storage=storage)
+    # A link timeout the slow link cannot trip first on a loaded machine: the journal must fill.
+    settings = dataclasses.replace(FAST, link_timeout=15.0)
+    a, b = two_sites(tmp_path, storage=storage, settings=settings)
     proxy = _via_proxy(a, b)
     try:
         make_group(a, "g", ["v1", "v2"])

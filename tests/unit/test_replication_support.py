@@ -46,10 +46,17 @@ class Site:
     tls: TlsFiles | None = None
     storage: GroupSettings = STORAGE
     settings: ReplicationSettings = FAST
+    lane: bool = False  # the site offers a bulk lane (replication/bulk.py)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def lane_port(self) -> int:
+        listener = self.manager.lane
+        assert listener is not None, f"{self.name} offers no bulk lane"
+        return listener.port
 
     def close(self) -> None:
         self.manager.stop()
@@ -65,6 +72,7 @@ def start_site(
     tls: TlsFiles | None = None,
     storage: GroupSettings = STORAGE,
     settings: ReplicationSettings = FAST,
+    lane: bool = False,
 ) -> Site:
     engine = StorageEngine.open(path, site=name, settings=storage)
     manager = ReplicationManager(
@@ -80,15 +88,22 @@ def start_site(
     )
     register(manager.servicer(), server)
     port = add_port(server, "127.0.0.1:0", tls)
+    if lane:
+        manager.serve_lane("127.0.0.1")
     server.start()
     manager.start()
-    return Site(name, path, engine, manager, server, port, tls, storage, settings)
+    return Site(name, path, engine, manager, server, port, tls, storage, settings, lane)
 
 
 def restart(site: Site, peer: Site | None = None) -> Site:
     site.close()
     new = start_site(
-        site.path, site.name, tls=site.tls, storage=site.storage, settings=site.settings
+        site.path,
+        site.name,
+        tls=site.tls,
+        storage=site.storage,
+        settings=site.settings,
+        lane=site.lane,
     )
     if peer is not None:
         new.manager.set_peer_address(peer.name, peer.address)
@@ -102,12 +117,19 @@ def two_sites(
     tls: dict[str, TlsFiles] | None = None,
     storage: GroupSettings = STORAGE,
     settings: ReplicationSettings = FAST,
+    lane: bool = False,
 ) -> tuple[Site, Site]:
-    a = start_site(
-        tmp_path / "a", "site-a", tls=(tls or {}).get("site-a"), storage=storage, settings=settings
-    )
-    b = start_site(
-        tmp_path / "b", "site-b", tls=(tls or {}).get("site-b"), storage=storage, settings=settings
+    """Sites a and b, each knowing the other; with `lane` each offers a bulk lane."""
+    a, b = (
+        start_site(
+            tmp_path / name[-1],
+            name,
+            tls=(tls or {}).get(name),
+            storage=storage,
+            settings=settings,
+            lane=lane,
+        )
+        for name in ("site-a", "site-b")
     )
     a.manager.set_peer_address("site-b", b.address)
     b.manager.set_peer_address("site-a", a.address)
