@@ -15,10 +15,19 @@ Two halves:
   volume). `changing(...)` wraps a volume change of the control API: the LUNs of the groups
   involved stop being served (in-flight commands finish; new ones wait in the kernel's ring),
   the engine changes (it reopens those groups), then LIO is reconciled and the LUNs are served
-  again from the reopened groups. A watcher does the same when the volume list changes behind
-  the control API (a secondary created by a peer's pair request), and checkpoints the groups'
-  journals (initiator writes keep coming; a short journal is a short replay after a crash).
+  again from the reopened groups. A change behind the control API (a peer's pair request
+  creating volumes in a secondary group) needs no pause: a LUN's EngineBackend follows its
+  group's reopen by itself (commands wait at the group's handle while the engine swaps the
+  store). The export hears of every reopen (a `GroupListener`) and wakes its watcher thread,
+  which exports the new volumes at once (`refresh`: only the volumes whose export changed are
+  re-served). Every `watch_interval` the watcher also checkpoints the groups' journals
+  (initiator writes keep coming; a short journal is a short replay after a crash) and retries a
+  re-export whose LIO reconcile failed.
   `stop()` stops the data path (in-flight commands finish) before the engine closes.
+
+Lock order: `SiteExport._lock` -> `StorageEngine._admin` -> a group's gate, and
+`SiteExport._lock` -> the data path's lock -> a group's gate. The engine calls its listeners
+under `_admin`, so the export's listener takes no lock: it only wakes the watcher.
 
 Resize re-exports: LIO cannot grow a TCMU backstore under a live device without a netlink
 listener answering the kernel's reconfigure event, so a volume whose size changed gets a new
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,11 +53,12 @@ from targetd_repl.datapath.engine_backend import EngineBackend
 from targetd_repl.errors import LioError, NotFound
 from targetd_repl.lio.config import AclSpec, BackstoreKind, Chap, LioConfig, LunSpec, Portal
 from targetd_repl.model import VolumeInfo
-from targetd_repl.storage.engine import StorageEngine
+from targetd_repl.storage.engine import GroupListener, StorageEngine
+from targetd_repl.storage.group_store import GroupStore
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 5.0  # seconds between checks of the volume list, and journal checkpoints
+WATCH_INTERVAL = 5.0  # seconds between journal checkpoints (and retries of a failed re-export)
 
 
 # --- the wanted configuration (pure) -------------------------------------------------------------
@@ -98,17 +109,11 @@ def snapshot(volumes: Iterable[VolumeInfo]) -> dict[str, ExportedVolume]:
     return {v.name: ExportedVolume(v.size_bytes, v.block_size, v.group_id) for v in volumes}
 
 
-def changed_groups(before: dict[str, ExportedVolume], after: dict[str, ExportedVolume]) -> set[int]:
-    """Groups with a volume added, removed, resized or moved between two snapshots."""
-    groups: set[int] = set()
-    for name in before.keys() | after.keys():
-        old, new = before.get(name), after.get(name)
-        if old == new:
-            continue
-        for seen in (old, new):
-            if seen is not None and seen.group_id is not None:
-                groups.add(seen.group_id)
-    return groups
+def changed_volumes(
+    before: dict[str, ExportedVolume], after: dict[str, ExportedVolume]
+) -> set[str]:
+    """Volumes added, removed, resized or moved between two snapshots."""
+    return {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
 
 
 # --- the runtime ---------------------------------------------------------------------------------
@@ -142,8 +147,22 @@ def _engine_backend(engine: StorageEngine, volume: str) -> Backend | None:
         return None
 
 
+class _WakeOnReopen(GroupListener):
+    """Wakes the export's watcher when the engine reopens a group. Called under the engine's
+    admin lock: takes no lock (the export's lock comes before the engine's)."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        self._wake = wake
+
+    def reopened(self, group_id: int, store: GroupStore | None) -> None:
+        self._wake.set()
+
+
 class SiteExport:
-    """The controller's LIO export and data path. start() / changing() / stop()."""
+    """The controller's LIO export and data path. start() / changing() / stop().
+
+    `watch_interval` 0 (unit tests) runs no watcher: no checkpoints, and a change behind the
+    control API is exported only by calling `refresh()`."""
 
     def __init__(
         self,
@@ -168,6 +187,8 @@ class SiteExport:
         self._paused: set[str] = set()  # volumes not served while their group changes
         self._exported: dict[str, ExportedVolume] = {}
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a group was reopened: refresh now
+        self._listener = _WakeOnReopen(self._wake)
         self._watcher: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -195,6 +216,8 @@ class SiteExport:
         )
         if self._watch_interval > 0:
             self._stopping.clear()
+            self._wake.clear()
+            self._engine.add_listener(self._listener)
             self._watcher = threading.Thread(target=self._watch, name="export-watch", daemon=True)
             self._watcher.start()
         return changes
@@ -202,7 +225,9 @@ class SiteExport:
     def stop(self) -> None:
         """Stop serving: in-flight commands finish; the LIO objects stay (the kernel keeps the
         rings; the next start serves what they hold). Idempotent."""
+        self._engine.remove_listener(self._listener)
         self._stopping.set()
+        self._wake.set()
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
@@ -232,23 +257,37 @@ class SiteExport:
             self._settle(paused, raise_errors=True)
 
     def refresh(self, *, only_if_changed: bool = False) -> list[str]:
-        """Bring LIO and the data path in line with the metadata now. With `only_if_changed`
-        (the watcher), nothing happens unless the volume list differs from the last export."""
+        """Bring LIO and the data path in line with the metadata now: the volumes whose export
+        changed (resized, moved, deleted) stop being served, LIO is reconciled, and every LUN
+        is served (the others never stopped: their backends follow their group's reopen). With
+        `only_if_changed` (the watcher), nothing happens unless the volume list differs from
+        the last export."""
         with self._lock:
             now = snapshot(self._engine.list_volumes())
             if only_if_changed:
                 if now == self._exported:
                     return []
                 log.info("export: the volume list changed behind the control API; re-exporting")
-            paused = self._pause(changed_groups(self._exported, now))
+            paused = self._pause_volumes(changed_volumes(self._exported, now))
             return self._settle(paused, raise_errors=True)
 
     def _watch(self) -> None:
-        while not self._stopping.wait(self._watch_interval):
+        # Kept for three jobs: act on the engine's reopen notices (its listener may not take
+        # self._lock, see the lock order above); checkpoint the journals; and, every interval,
+        # retry a refresh whose LIO reconcile failed (nothing else would re-export the volume).
+        due = time.monotonic() + self._watch_interval
+        while True:
+            self._wake.wait(max(0.0, due - time.monotonic()))
+            if self._stopping.is_set():
+                return
+            self._wake.clear()  # before the refresh: a reopen during it wakes us again
             try:
                 self.refresh(only_if_changed=True)
             except Exception:
                 log.exception("export: refresh after a volume change failed")
+            if time.monotonic() < due:
+                continue
+            due = time.monotonic() + self._watch_interval
             try:
                 self.housekeeping()
             except Exception:
@@ -261,7 +300,8 @@ class SiteExport:
         journal to replay before the LUNs are served again."""
         with self._lock:
             for group in self._engine.list_groups():
-                self._engine.group(group.name).checkpoint_and_trim()
+                with self._engine.group_handle(group.name).use() as store:  # not mid-reopen
+                    store.checkpoint_and_trim()
 
     # --- pieces ------------------------------------------------------------------------------
 
@@ -280,12 +320,18 @@ class SiteExport:
 
     def _pause(self, group_ids: set[int]) -> set[str]:
         """Stop serving every volume of these groups (their stores are about to be reopened)."""
-        names = {
-            v.name
-            for v in self._engine.list_volumes()
-            if v.group_id is not None and v.group_id in group_ids
-        }
-        names -= self._paused
+        return self._pause_volumes(
+            {
+                v.name
+                for v in self._engine.list_volumes()
+                if v.group_id is not None and v.group_id in group_ids
+            }
+        )
+
+    def _pause_volumes(self, names: set[str]) -> set[str]:
+        """Stop serving these volumes until `_settle` (in-flight commands finish; new ones wait
+        in the kernel's ring). Returns those not paused already."""
+        names = names - self._paused
         self._paused |= names
         if self._datapath is not None and names:
             for uio, volume in sorted(self._datapath.served().items()):

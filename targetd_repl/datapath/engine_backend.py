@@ -1,5 +1,10 @@
 """The data path's Backend over the storage engine: a LUN's reads and writes go through the
-group's journaled write path (journal -> before-images -> volume) before the command completes."""
+group's journaled write path (journal -> before-images -> volume) before the command completes.
+
+The backend holds the group's `GroupHandle`, not its store: when the engine reopens the group
+(its volume set changed, e.g. a peer's pair request added a volume to it), commands in flight
+finish on the old store, new ones wait for the swap and then run on the new store - whoever made
+the change, with no re-export of the LUN."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Sequence
 from targetd_repl.datapath.backend import VolumeIdentity
 from targetd_repl.model import Role
 from targetd_repl.storage.engine import StorageEngine
+from targetd_repl.storage.group_store import GroupStore
 
 
 def _one_buffer(buffers: Sequence[memoryview]) -> memoryview:
@@ -22,49 +28,59 @@ class EngineBackend:
     SupportsWriteBatch)."""
 
     def __init__(self, engine: StorageEngine, volume: str) -> None:
-        self._store, self._volume_id = engine.group_of(volume)
-        self._volume = self._store.volume(self._volume_id).volume
+        self._group, self._volume_id = engine.handle_of(volume)
+        with self._group.use() as store:
+            self._block_size = store.volume(self._volume_id).volume.block_size
         self._identity = VolumeIdentity.from_name(volume)
 
     @property
+    def store(self) -> GroupStore:
+        """The group store commands run on now (a reopen of the group replaces it)."""
+        return self._group.store
+
+    @property
     def block_size(self) -> int:
-        return self._volume.block_size
+        return self._block_size
 
     @property
     def num_blocks(self) -> int:
-        return self._volume.num_blocks
+        with self._group.use() as store:
+            return store.volume(self._volume_id).volume.num_blocks
 
     @property
     def writable(self) -> bool:
-        return self._store.role is Role.PRIMARY
+        return self._group.store.role is Role.PRIMARY
 
     @property
     def identity(self) -> VolumeIdentity:
         return self._identity
 
     def readinto(self, lba: int, buffers: Sequence[memoryview]) -> None:
-        if len(buffers) == 1:
-            self._store.readinto(self._volume_id, lba, buffers[0])
-            return
-        data = memoryview(self._store.read(self._volume_id, lba, self._blocks(buffers)))
+        with self._group.use() as store:
+            if len(buffers) == 1:
+                store.readinto(self._volume_id, lba, buffers[0])
+                return
+            data = memoryview(store.read(self._volume_id, lba, self._blocks(buffers)))
         at = 0
         for buffer in buffers:
             buffer[:] = data[at : at + buffer.nbytes]
             at += buffer.nbytes
 
     def write(self, lba: int, buffers: Sequence[memoryview]) -> None:
-        self._store.write(self._volume_id, lba, _one_buffer(buffers))
+        with self._group.use() as store:
+            store.write(self._volume_id, lba, _one_buffer(buffers))
 
     def write_batch(
         self, writes: Sequence[tuple[int, Sequence[memoryview]]]
     ) -> list[BaseException | None]:
         """One journal group commit for all of them (GroupStore.write_batch)."""
-        return self._store.write_batch(
-            self._volume_id, [(lba, _one_buffer(buffers)) for lba, buffers in writes]
-        )
+        batch = [(lba, _one_buffer(buffers)) for lba, buffers in writes]
+        with self._group.use() as store:
+            return store.write_batch(self._volume_id, batch)
 
     def write_zeros(self, lba: int, nblocks: int) -> None:
-        self._store.write_zeros(self._volume_id, lba, nblocks)
+        with self._group.use() as store:
+            store.write_zeros(self._volume_id, lba, nblocks)
 
     def flush(self) -> None:
         """Nothing to do: every acknowledged write is already durable in the journal."""
@@ -72,10 +88,10 @@ class EngineBackend:
     def compare_and_write(
         self, lba: int, expected: Sequence[memoryview], new: Sequence[memoryview]
     ) -> int | None:
-        offset = self._store.compare_and_write(
-            self._volume_id, lba, _one_buffer(expected), _one_buffer(new)
-        )
+        old, replacement = _one_buffer(expected), _one_buffer(new)
+        with self._group.use() as store:
+            offset = store.compare_and_write(self._volume_id, lba, old, replacement)
         return None if offset < 0 else offset
 
     def _blocks(self, buffers: Sequence[memoryview]) -> int:
-        return sum(b.nbytes for b in buffers) // self._volume.block_size
+        return sum(b.nbytes for b in buffers) // self._block_size

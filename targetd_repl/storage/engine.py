@@ -8,16 +8,36 @@ Layout under the state directory:
 
 Every volume belongs to exactly one group (a group is the unit that journals and replicates);
 a volume created without a group gets a group of its own, named after it.
+
+A group's store is reopened when its volume set changes (a volume created in it, resized, moved
+or deleted - by the control API or by a peer's pair request). The data path therefore holds a
+`GroupHandle`, not the store: I/O runs inside `handle.use()`, and a reopen closes the handle's
+gate first (commands inside finish, new ones wait), swaps the store, and lets the waiting commands
+run on the new one - no command is ever served from a closed store. `GroupListener`s registered
+with `add_listener` hear of every reopen (`reopening` before the old store closes, `reopened`
+after the new one serves): the export uses it to put a volume created behind its back into LIO.
+
+Lock order: `StorageEngine._admin` -> a group's gate (`GroupHandle`) -> the GroupStore's locks.
+Listeners are called under `_admin` (outside the gate): they must not wait for anything that
+takes `_admin`, nor for a lock held around calls into the engine's admin operations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from targetd_repl.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from targetd_repl.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
 from targetd_repl.model import (
     BLOCK_SIZES,
     GroupInfo,
@@ -27,6 +47,7 @@ from targetd_repl.model import (
     VolumeInfo,
     check_name,
 )
+from targetd_repl.storage.barrier import WriteBarrier
 from targetd_repl.storage.group_store import Buffer, GroupSettings, GroupStore, OpenVolume
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.storage.range_lock import RangeLock
@@ -36,6 +57,63 @@ from targetd_repl.storage.volume import Volume
 log = logging.getLogger(__name__)
 
 
+class GroupHandle:
+    """One group's store across reopens: what a long-lived user (a LUN's backend) holds instead
+    of the store, which a reopen replaces.
+
+    I/O runs inside `use()`, which admits many commands at once. A reopen closes the gate: the
+    commands inside finish, new ones wait (even under a steady load: a waiting reopen goes
+    first), then they run on the new store. Never nest `use()` in one thread: a reopen waiting
+    between the two would wait for the outer one forever."""
+
+    def __init__(self, store: GroupStore) -> None:
+        self._store = store
+        self._gone: NotFound | StorageError | None = None  # why there is no store any more
+        self._gate = WriteBarrier()
+
+    @property
+    def store(self) -> GroupStore:
+        """The current store, without waiting: for its name, role and info. A reopen may be
+        closing it right now; do I/O inside `use()`."""
+        return self._store
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[GroupStore]:
+        """Hold while a command runs on the group's store (waits while a reopen swaps it)."""
+        with self._gate.writer():
+            if self._gone is not None:
+                raise type(self._gone)(str(self._gone))
+            yield self._store
+
+    # The engine's side (StorageEngine, under its admin lock): close the gate, swap or retire.
+
+    @contextlib.contextmanager
+    def _closed(self) -> Iterator[None]:
+        with self._gate.closed():
+            yield
+
+    def _replace(self, store: GroupStore) -> None:
+        self._store = store
+
+    def _retire(self, why: NotFound | StorageError) -> None:
+        self._gone = why
+
+
+class GroupListener:
+    """Told of every reopen of a group's store (subclass and override; the defaults do nothing).
+    Both calls run in the thread changing the group, under the engine's admin lock: return
+    quickly, and never wait for anything that takes that lock (see the module docstring)."""
+
+    def reopening(self, group_id: int) -> None:
+        """The group's store is about to close (to reopen, or for good: when a group is deleted
+        its row is gone already). It is still open, and `reopened` follows whatever happens."""
+
+    def reopened(self, group_id: int, store: GroupStore | None) -> None:
+        """The group's volume set changed and `store` now serves it (also a group's first store,
+        when creating a volume created the group); commands held at the group's handle run on
+        it. None: the group has no store any more (deleted, or its reopen failed)."""
+
+
 class StorageEngine:
     """Thread-safe facade over a site's storage. Open with `StorageEngine.open`."""
 
@@ -43,8 +121,10 @@ class StorageEngine:
         self._dir = state_dir
         self._metadata = metadata
         self._settings = settings
-        self._groups: dict[int, GroupStore] = {}
+        self._groups: dict[int, GroupHandle] = {}
         self._admin = threading.RLock()  # create/delete/move: one at a time
+        self._listeners: list[GroupListener] = []
+        self._listeners_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -66,12 +146,39 @@ class StorageEngine:
     def close(self) -> None:
         with self._admin:
             groups, self._groups = self._groups, {}
-            for store in groups.values():
-                try:
-                    store.close()
-                except Exception as error:  # close the rest; the next open replays this one
-                    log.error("group %s did not close cleanly: %s", store.name, error)
+            for handle in groups.values():
+                with handle._closed():  # commands inside finish; later ones fail
+                    handle._retire(NotFound("the storage engine is closed"))
+                    try:
+                        handle.store.close()
+                    except Exception as error:  # close the rest; the next open replays this one
+                        log.error("group %s did not close cleanly: %s", handle.store.name, error)
             self._metadata.close()
+
+    # --- listeners -----------------------------------------------------------------------------
+
+    def add_listener(self, listener: GroupListener) -> None:
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: GroupListener) -> None:
+        with self._listeners_lock, contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _tell(self, group_id: int, notice: Callable[[GroupListener], None]) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                notice(listener)
+            except Exception:  # a listener's failure must not stop the change
+                log.exception("group %d: a listener failed on its reopen", group_id)
+
+    def _tell_reopening(self, group_id: int) -> None:
+        self._tell(group_id, lambda listener: listener.reopening(group_id))
+
+    def _tell_reopened(self, group_id: int, store: GroupStore | None) -> None:
+        self._tell(group_id, lambda listener: listener.reopened(group_id, store))
 
     @property
     def metadata(self) -> MetadataStore:
@@ -114,36 +221,81 @@ class StorageEngine:
                 log.warning("volume %s: removing uncatalogued snapshot %s", info.name, snap.name)
                 snapshots.delete(snap.name)
 
-    def _open_group(self, info: GroupInfo) -> GroupStore:
+    def _open_store(self, info: GroupInfo) -> GroupStore:
         opened: list[OpenVolume] = []
         try:
             for vinfo in self._metadata.list_volumes(info.id):
                 opened.append(self._open_volume(vinfo))
-            store = GroupStore.open(
+            return GroupStore.open(
                 self._group_dir(info.name), info, self._metadata, opened, self._settings
             )
         except BaseException:
             for ov in opened:
                 ov.close()
             raise
-        self._groups[info.id] = store
+
+    def _open_group(self, info: GroupInfo) -> GroupStore:
+        store = self._open_store(info)
+        self._groups[info.id] = GroupHandle(store)
         return store
 
     def _reopen_group(self, group_id: int) -> GroupStore:
-        """Close and open a group again after its membership changed."""
-        old = self._groups.pop(group_id, None)
-        if old is not None:
-            old.close()
-        return self._open_group(self._metadata.get_group_by_id(group_id))
+        """Close and open a group again after its membership changed (under `_admin`)."""
+        info = self._metadata.get_group_by_id(group_id)
+        if group_id not in self._groups:  # a group created with its first volume
+            store = self._open_group(info)
+            self._tell_reopened(group_id, store)
+            return store
+        swapped = self._swap_store(group_id, info)
+        assert swapped is not None  # None only when closing for good
+        return swapped
+
+    def _swap_store(self, group_id: int, info: GroupInfo | None) -> GroupStore | None:
+        """Replace the group's store by one opened from `info` (None: close it for good), with
+        the group's commands held at its handle meanwhile. Under `_admin`."""
+        handle = self._groups[group_id]
+        name = handle.store.name
+        store: GroupStore | None = None
+        self._tell_reopening(group_id)
+        try:
+            with handle._closed():  # in-flight commands finish; new ones wait for the swap
+                try:
+                    handle.store.close()
+                    if info is not None:
+                        store = self._open_store(info)
+                except BaseException as error:
+                    del self._groups[group_id]
+                    handle._retire(
+                        StorageError(
+                            f"group {name!r} failed to reopen ({error}); restart the controller"
+                        )
+                    )
+                    raise
+                if store is None:
+                    del self._groups[group_id]
+                    handle._retire(NotFound(f"group {name!r} was deleted"))
+                else:
+                    handle._replace(store)
+        finally:
+            self._tell_reopened(group_id, store)
+        return store
 
     # --- lookups -------------------------------------------------------------------------------
 
     def group(self, name: str) -> GroupStore:
+        return self.group_handle(name).store
+
+    def group_handle(self, name: str) -> GroupHandle:
         info = self._metadata.get_group(name)
         return self._groups[info.id]
 
     def group_of(self, volume: str) -> tuple[GroupStore, int]:
         """The group store serving `volume`, and the volume's id."""
+        handle, volume_id = self.handle_of(volume)
+        return handle.store, volume_id
+
+    def handle_of(self, volume: str) -> tuple[GroupHandle, int]:
+        """The handle of the group serving `volume` (it outlives reopens), and the volume's id."""
         info = self._metadata.get_volume(volume)
         if info.group_id is None:  # only reachable if the metadata was edited by hand
             raise FailedPrecondition(f"volume {volume!r} belongs to no group")
@@ -224,7 +376,7 @@ class StorageEngine:
                 )
             group_id = info.group_id
             if group_id is not None:
-                self._groups[group_id].checkpoint()  # no record of it left to replay
+                self._groups[group_id].store.checkpoint()  # no record of it left to replay
                 self._metadata.remove_volume_from_group(group_id, info.id)  # refuses if paired
             self._metadata.delete_volume(info.id)
             # Catalogue first, files second: a crash between leaves an orphan file, no dangling row.
@@ -254,8 +406,7 @@ class StorageEngine:
             if vinfo.group_id == ginfo.id:
                 return vinfo
             if vinfo.group_id is not None:
-                old = self._groups[vinfo.group_id]
-                old.checkpoint()
+                self._groups[vinfo.group_id].store.checkpoint()
                 self._metadata.remove_volume_from_group(vinfo.group_id, vinfo.id)
                 self._reopen_group(vinfo.group_id)
             info = self._metadata.add_volume_to_group(ginfo.id, vinfo.id)
@@ -266,24 +417,26 @@ class StorageEngine:
         with self._admin:
             info = self._metadata.get_group(name)
             self._metadata.delete_group(name)  # refuses while volumes or a pair remain
-            store = self._groups.pop(info.id, None)
-            if store is not None:
-                store.close()
+            if info.id in self._groups:
+                self._swap_store(info.id, None)
             shutil.rmtree(self._group_dir(name), ignore_errors=True)
 
     # --- I/O (the entry point the TCMU handler and `io write|read` share) ----------------------
 
     def write(self, volume: str, lba: int, data: Buffer) -> int:
-        store, volume_id = self.group_of(volume)
-        return store.write(volume_id, lba, data)
+        handle, volume_id = self.handle_of(volume)
+        with handle.use() as store:
+            return store.write(volume_id, lba, data)
 
     def write_zeros(self, volume: str, lba: int, nblocks: int) -> int:
-        store, volume_id = self.group_of(volume)
-        return store.write_zeros(volume_id, lba, nblocks)
+        handle, volume_id = self.handle_of(volume)
+        with handle.use() as store:
+            return store.write_zeros(volume_id, lba, nblocks)
 
     def read(self, volume: str, lba: int, nblocks: int) -> bytes:
-        store, volume_id = self.group_of(volume)
-        return store.read(volume_id, lba, nblocks)
+        handle, volume_id = self.handle_of(volume)
+        with handle.use() as store:
+            return store.read(volume_id, lba, nblocks)
 
     # --- snapshots -----------------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 A SCSI WRITE is in the journal and the volume before its completion reaches the ring; a
 secondary's LUN answers DATA PROTECT / WRITE PROTECTED and turns writable on promotion with
-nothing reconfigured."""
+nothing reconfigured; a LUN keeps serving, every command GOOD, while its group is reopened."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +117,63 @@ def test_write_same_16_unmap_of_a_whole_32_mib_lun_through_the_journal(
     result = lun.execute(cdb_rw(READ_16, 0, n), [memoryview(back)])
     assert result.status == 0 and result.data_in == n * BS
     assert back == bytes(n * BS)
+
+
+def test_a_lun_keeps_serving_while_its_group_reopens(engine: StorageEngine) -> None:
+    """A peer's pair request adds volumes to the group of a served LUN (the engine reopens the
+    group, no re-export): the SCSI commands in flight finish, the next ones wait for the swap and
+    run on the new store - every one completes GOOD, and the data is there afterwards."""
+    kernel = FakeKernel(ring_area=128 + 8192, data_size=1 << 20, fragment=True, seed=5)
+    backend = EngineBackend(engine, "v1")
+    runner = Runner(
+        Ring(kernel.buffer), kernel.doorbell(), ScsiDevice(backend), workers=4, name="v1"
+    )
+    runner.start()
+    old = engine.group("g")
+    stop = threading.Event()
+    failures: list[str] = []
+    rounds = [0]
+    written: dict[int, bytes] = {}
+
+    def io() -> None:
+        r = 0
+        while not stop.is_set() and not failures:
+            batch = {(r % 16) * 64 + i * 8: bytes([r % 250 + 1, i]) * (4 * BS) for i in range(8)}
+            ids = {
+                kernel.submit(cdb_rw(WRITE_10, lba, 8), data_out=d): lba for lba, d in batch.items()
+            }
+            for cmd_id, done in kernel.wait_for(list(ids)).items():
+                if done.status != 0:
+                    failures.append(f"WRITE at {ids[cmd_id]}: status {done.status}")
+            written.update(batch)
+            ids = {kernel.submit(cdb_rw(READ_10, lba, 8), data_in=8 * BS): lba for lba in batch}
+            for cmd_id, done in kernel.wait_for(list(ids)).items():
+                if done.status != 0 or done.buffer != batch[ids[cmd_id]]:
+                    failures.append(f"READ at {ids[cmd_id]}: status {done.status}")
+            r += 1
+            rounds[0] = r
+
+    thread = threading.Thread(target=io)
+    thread.start()
+    try:
+        for name in ("v2", "v3"):
+            start = rounds[0]
+            deadline = time.monotonic() + 30
+            while rounds[0] < start + 3 and not failures and time.monotonic() < deadline:
+                time.sleep(0.002)
+            engine.create_volume(name, 1 << 20, group="g")  # the peer path: engine only
+        start = rounds[0]
+        deadline = time.monotonic() + 30
+        while rounds[0] < start + 3 and not failures and time.monotonic() < deadline:
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        thread.join(30)
+        assert runner.stop()
+        kernel.close()
+    assert failures == []
+    assert rounds[0] >= 9
+    assert backend.store is engine.group("g") and backend.store is not old
+    assert sorted(backend.store.volume_ids()) == [v.id for v in engine.list_volumes()]
+    for lba, data in written.items():
+        assert engine.read("v1", lba, 8) == data

@@ -1,5 +1,6 @@
 """The site storage engine: the write path (journal -> before-images -> volume), replay after a
-crash, write order under concurrency, snapshots at one seq, role refusal, bad input."""
+crash, write order under concurrency, snapshots at one seq, role refusal, bad input, and group
+reopens (listeners told; commands held at the group's handle across the swap)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,8 @@ from targetd_repl.errors import (
     WriteProtected,
 )
 from targetd_repl.model import RecordKind, Role
-from targetd_repl.storage.engine import StorageEngine
-from targetd_repl.storage.group_store import GroupSettings
+from targetd_repl.storage.engine import GroupListener, StorageEngine
+from targetd_repl.storage.group_store import GroupSettings, GroupStore
 
 BS = 512
 SIZE = 4 << 20  # 4 MiB volumes: 64 regions of 64 KiB
@@ -303,3 +306,143 @@ def test_duplicate_volume_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(AlreadyExists, match="volume 'v1' already exists"):
         engine.create_volume("v1", SIZE, group="v1")
     engine.close()
+
+
+# --- reopens: listeners and the group handle ------------------------------------------------------
+
+
+class Recorder(GroupListener):
+    """Records each notice, and what it found at the time."""
+
+    def __init__(self, engine: StorageEngine) -> None:
+        self.engine = engine
+        self.calls: list[tuple[str, int, GroupStore | None]] = []
+        self.old_store_open: list[bool] = []
+
+    def reopening(self, group_id: int) -> None:
+        try:
+            store = self.engine.group(self.engine.metadata.get_group_by_id(group_id).name)
+        except NotFound:  # a group being deleted is gone from the metadata already
+            self.calls.append(("reopening", group_id, None))
+            return
+        self.calls.append(("reopening", group_id, store))
+        try:
+            store.read(store.volume_ids()[0], 0, 1)
+            self.old_store_open.append(True)
+        except Exception:
+            self.old_store_open.append(False)
+
+    def reopened(self, group_id: int, store: GroupStore | None) -> None:
+        self.calls.append(("reopened", group_id, store))
+
+
+def test_listeners_hear_of_every_reopen(tmp_path: Path) -> None:
+    engine = open_engine(tmp_path)
+    engine.create_group("g", Role.SECONDARY)
+    engine.create_volume("v1", SIZE, group="g")
+    gid = engine.group("g").info.id
+    old = engine.group("g")
+    heard = Recorder(engine)
+    engine.add_listener(heard)
+
+    engine.create_volume("v2", SIZE, group="g")  # what a peer's pair request does
+    new = engine.group("g")
+    assert new is not old
+    assert heard.calls == [("reopening", gid, old), ("reopened", gid, new)]
+    assert heard.old_store_open == [True]  # told before the old store closed
+    assert sorted(new.volume_ids()) == [v.id for v in engine.list_volumes()]
+    assert old.volume_ids() == []  # closed now: its volumes let go
+
+    heard.calls.clear()
+    engine.delete_volume("v2")
+    engine.delete_volume("v1")
+    engine.delete_group("g")
+    assert [(what, store is None) for what, _, store in heard.calls] == [
+        ("reopening", False),
+        ("reopened", False),
+        ("reopening", False),
+        ("reopened", False),
+        ("reopening", True),  # (the group's row is gone already)
+        ("reopened", True),  # deleted: no store any more
+    ]
+    assert {gid} == {group_id for _, group_id, _ in heard.calls}
+
+    heard.calls.clear()
+    engine.create_volume("solo", SIZE)  # its own new group: a first store, nothing closed
+    assert [(what, store is engine.group("solo")) for what, _, store in heard.calls] == [
+        ("reopened", True)
+    ]
+    engine.remove_listener(heard)
+    heard.calls.clear()
+    engine.create_volume("solo2", SIZE, group="solo")
+    assert heard.calls == []
+    engine.close()
+
+
+def test_a_failing_listener_does_not_stop_the_change(tmp_path: Path) -> None:
+    class Broken(GroupListener):
+        def reopening(self, group_id: int) -> None:
+            raise RuntimeError("listener bug")
+
+    engine = open_engine(tmp_path)
+    engine.create_volume("v1", SIZE)
+    engine.add_listener(Broken())
+    engine.create_volume("v2", SIZE, group="v1")
+    assert engine.write("v2", 0, b"x" * BS) > 0
+    engine.close()
+
+
+def test_a_reopen_waits_for_commands_in_flight_and_holds_new_ones(tmp_path: Path) -> None:
+    """No command runs on a closed store: the reopen waits for the one inside; the one that
+    arrives meanwhile waits for the swap and runs on the new store."""
+    engine = open_engine(tmp_path)
+    engine.create_volume("v1", SIZE)
+    handle, vid = engine.handle_of("v1")
+    old = handle.store
+    heard = Recorder(engine)
+    engine.add_listener(heard)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[GroupStore] = []
+
+    def in_flight() -> None:
+        with handle.use() as store:
+            inside.set()
+            release.wait(10)
+            store.write(vid, 0, b"a" * BS)  # the old store is still open under it
+            seen.append(store)
+
+    def arriving() -> None:
+        with handle.use() as store:
+            store.write(vid, 1, b"b" * BS)
+            seen.append(store)
+
+    first = threading.Thread(target=in_flight)
+    first.start()
+    assert inside.wait(10)
+    change = threading.Thread(
+        target=engine.create_volume, args=("v2", SIZE), kwargs={"group": "v1"}
+    )
+    change.start()
+    _wait(lambda: len(heard.calls) == 1)  # reopening told, now waiting at the gate
+    later = threading.Thread(target=arriving)
+    later.start()
+    time.sleep(0.2)
+    assert change.is_alive() and later.is_alive() and seen == []
+    release.set()
+    for thread in (first, change, later):
+        thread.join(10)
+        assert not thread.is_alive()
+    new = engine.group("v1")
+    assert seen == [old, new]
+    assert handle.store is new  # the same handle, the new store
+    assert engine.read("v1", 0, 2) == b"a" * BS + b"b" * BS
+    engine.close()
+    with pytest.raises(NotFound, match="closed"), handle.use():
+        pass
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)

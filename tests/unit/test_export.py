@@ -1,10 +1,13 @@
 """The controller's LIO export (targetd_repl/export.py): the wanted LioConfig built from the
 metadata (pure), what reconcile would do with it against configfs (lio.plan, pure), and the
-runtime's order of work around volume changes, with a real StorageEngine, a fake LIO and a fake
-data path."""
+runtime's order of work around volume changes (through the control API, and behind it: a volume
+a peer's pair request creates is served at once, with I/O going on), with a real StorageEngine, a
+fake LIO and a fake data path."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,11 +16,12 @@ import pytest
 from targetd_repl.api.service import ControlService, Endpoints
 from targetd_repl.config import ExportAcl, ExportSettings
 from targetd_repl.datapath.backend import Backend
+from targetd_repl.datapath.engine_backend import EngineBackend
 from targetd_repl.errors import AlreadyExists, LioError
 from targetd_repl.export import (
     ExportedVolume,
     SiteExport,
-    changed_groups,
+    changed_volumes,
     snapshot,
     wanted_config,
 )
@@ -129,16 +133,16 @@ def test_a_deleted_volume_leaves_lio() -> None:
     assert actions == [RemoveLun(site_iqn(SITE), 1), RemoveBackstore("user", "old")]
 
 
-def test_changed_groups() -> None:
+def test_changed_volumes() -> None:
     def snap(*volumes: VolumeInfo) -> dict[str, ExportedVolume]:
         return snapshot(volumes)
 
-    a, b = vol("a", group=1), vol("b", id_=2, group=2)
-    assert changed_groups(snap(a, b), snap(a, b)) == set()
-    assert changed_groups(snap(a), snap(a, b)) == {2}  # created
-    assert changed_groups(snap(a, b), snap(a)) == {2}  # deleted
-    assert changed_groups(snap(a, b), snap(vol("a", 128 * MiB, group=1), b)) == {1}  # resized
-    assert changed_groups(snap(a, b), snap(vol("a", group=2), b)) == {1, 2}  # moved
+    a, b = vol("a", group=1), vol("b", id_=2, group=1)
+    assert changed_volumes(snap(a, b), snap(a, b)) == set()
+    assert changed_volumes(snap(a), snap(a, b)) == {"b"}  # created: "a" of its group unchanged
+    assert changed_volumes(snap(a, b), snap(a)) == {"b"}  # deleted
+    assert changed_volumes(snap(a, b), snap(vol("a", 128 * MiB, group=1), b)) == {"a"}  # resized
+    assert changed_volumes(snap(a, b), snap(vol("a", group=2), b)) == {"a"}  # moved
 
 
 # --- the runtime ----------------------------------------------------------------------------------
@@ -214,7 +218,11 @@ def engine(tmp_path: Path) -> Iterator[StorageEngine]:
     engine.close()
 
 
-def make_export(engine: StorageEngine) -> tuple[SiteExport, FakeLio, list[FakeDataPath]]:
+def make_export(
+    engine: StorageEngine, *, watch_interval: float = 0
+) -> tuple[SiteExport, FakeLio, list[FakeDataPath]]:
+    """watch_interval 0: no watcher (the tests refresh by hand); > 0: a watcher that also acts
+    on the engine's reopen notices at once."""
     lio = FakeLio()
     made: list[FakeDataPath] = []
 
@@ -224,7 +232,12 @@ def make_export(engine: StorageEngine) -> tuple[SiteExport, FakeLio, list[FakeDa
         return made[-1]
 
     export = SiteExport(
-        engine, SITE, DEMO, reconcile=lio.reconcile, datapath=datapath, watch_interval=0
+        engine,
+        SITE,
+        DEMO,
+        reconcile=lio.reconcile,
+        datapath=datapath,
+        watch_interval=watch_interval,
     )
     return export, lio, made
 
@@ -350,6 +363,88 @@ def test_refresh_picks_up_volumes_made_behind_the_api(engine: StorageEngine) -> 
     assert lio.volumes == ["peer-made"]
     assert list(made[0].served().values()) == ["peer-made"]
     assert export.exported == ["peer-made"]
+
+
+def _served(dp: FakeDataPath, volume: str) -> Backend:
+    return next(b for uio, b in dp.serving.items() if dp.devices[uio] == volume)
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_volume_added_behind_the_export_keeps_io_going_and_is_served_at_once(
+    engine: StorageEngine,
+) -> None:
+    """A peer's pair request creates a volume in an exported group through the engine alone
+    (no changing()): the group's LUN keeps serving across the reopen - no command fails, none
+    runs on the closed store, the backend moves to the new store - and the new volume is in LIO
+    and served at once, long before the watcher's interval."""
+    engine.create_group("app")
+    engine.create_volume("db", 8 * MiB, group="app")
+    export, lio, made = make_export(engine, watch_interval=3600)  # no periodic tick here
+    export.start()
+    dp = made[0]
+    backend = _served(dp, "db")
+    old_store = engine.group("app")
+
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    written: dict[int, bytes] = {}
+    count = [0]
+    count_lock = threading.Lock()
+
+    def io(first_lba: int) -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                lba = first_lba + (i % 256) * 8
+                data = bytes([(first_lba + i) % 251 + 1]) * 4096
+                backend.write(lba, [memoryview(data)])
+                back = bytearray(4096)
+                view = memoryview(back)
+                backend.readinto(lba, [view[:1024], view[1024:]])  # scattered, like the ring
+                assert back == data, f"LBA {lba}: read back other data"
+                written[lba] = data
+                i += 1
+                with count_lock:
+                    count[0] += 1
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=io, args=(base,)) for base in (0, 4096, 8192)]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_until(lambda: count[0] >= 30 or bool(failures), "I/O before the change")
+        engine.create_volume("more", 4 * MiB, group="app")  # the peer path: engine only
+        # (events, not dp.serving: the watcher's thread changes that dict meanwhile)
+        _wait_until(lambda: "serve more" in dp.events, "the new volume served")
+        after = count[0]
+        _wait_until(lambda: count[0] >= after + 30 or bool(failures), "I/O after the change")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert failures == []
+    assert lio.volumes == ["db", "more"]
+    assert "unserve db" not in dp.events  # the LUN was never paused; its backend followed
+    new_store = engine.group("app")
+    assert new_store is not old_store
+    assert isinstance(backend, EngineBackend) and backend.store is new_store
+    for lba, data in written.items():
+        assert engine.read("db", lba, 8) == data
+    more = _served(dp, "more")
+    more.write(0, [memoryview(b"m" * 512)])
+    back = bytearray(512)
+    more.readinto(0, [memoryview(back)])
+    assert back == b"m" * 512
+    export.stop()
+    assert made[0].events[-1].startswith("unserve")
 
 
 def test_housekeeping_checkpoints_and_trims_the_journal(tmp_path: Path) -> None:
