@@ -125,6 +125,11 @@ class StorageEngine:
         self._admin = threading.RLock()  # create/delete/move: one at a time
         self._listeners: list[GroupListener] = []
         self._listeners_lock = threading.Lock()
+        # volume name -> (group id, volume id): every I/O looks its volume up, and SQLite per
+        # command costs the writers more than replication does. Forgotten under `_admin` before
+        # the metadata changes a volume's group and again once its groups reopened.
+        self._volumes: dict[str, tuple[int, int]] = {}
+        self._volumes_generation = 0
 
     @classmethod
     def open(
@@ -244,6 +249,7 @@ class StorageEngine:
         info = self._metadata.get_group_by_id(group_id)
         if group_id not in self._groups:  # a group created with its first volume
             store = self._open_group(info)
+            self._forget_volumes()
             self._tell_reopened(group_id, store)
             return store
         swapped = self._swap_store(group_id, info)
@@ -277,6 +283,7 @@ class StorageEngine:
                 else:
                     handle._replace(store)
         finally:
+            self._forget_volumes()
             self._tell_reopened(group_id, store)
         return store
 
@@ -296,10 +303,25 @@ class StorageEngine:
 
     def handle_of(self, volume: str) -> tuple[GroupHandle, int]:
         """The handle of the group serving `volume` (it outlives reopens), and the volume's id."""
-        info = self._metadata.get_volume(volume)
-        if info.group_id is None:  # only reachable if the metadata was edited by hand
-            raise FailedPrecondition(f"volume {volume!r} belongs to no group")
-        return self._groups[info.group_id], info.id
+        cached = self._volumes.get(volume)
+        if cached is None:
+            generation = self._volumes_generation
+            info = self._metadata.get_volume(volume)
+            if info.group_id is None:  # only reachable if the metadata was edited by hand
+                raise FailedPrecondition(f"volume {volume!r} belongs to no group")
+            cached = (info.group_id, info.id)
+            if generation == self._volumes_generation:  # no change began meanwhile
+                self._volumes[volume] = cached
+        group_id, volume_id = cached
+        handle = self._groups.get(group_id)
+        if handle is None:
+            raise NotFound(f"volume {volume!r} is not served (its group is gone)")
+        return handle, volume_id
+
+    def _forget_volumes(self) -> None:
+        """Under `_admin`: the volume -> group map is about to change, or just changed."""
+        self._volumes_generation += 1
+        self._volumes.clear()
 
     def list_volumes(self) -> list[VolumeInfo]:
         return self._metadata.list_volumes()
@@ -349,6 +371,7 @@ class StorageEngine:
 
     def resize_volume(self, name: str, size_bytes: int) -> VolumeInfo:
         with self._admin:
+            self._forget_volumes()
             store, volume_id = self.group_of(name)
             ov = store.volume(volume_id)
             if store.info.id in {p.group_id for p in self._metadata.list_pairs()}:
@@ -367,6 +390,7 @@ class StorageEngine:
         """Delete a volume (no snapshots left, group unpaired). The group made for it alone
         goes with it."""
         with self._admin:
+            self._forget_volumes()
             info = self._metadata.get_volume(name)
             snapshots = [s.name for s in self._metadata.list_snapshots(info.id)]
             if snapshots:
@@ -401,6 +425,7 @@ class StorageEngine:
         """Move a volume into another group (both unpaired); its old journal is checkpointed
         first so no record of it is left to replay in the old group."""
         with self._admin:
+            self._forget_volumes()
             vinfo = self._metadata.get_volume(volume)
             ginfo = self._metadata.get_group(group)
             if vinfo.group_id == ginfo.id:
@@ -415,6 +440,7 @@ class StorageEngine:
 
     def delete_group(self, name: str) -> None:
         with self._admin:
+            self._forget_volumes()
             info = self._metadata.get_group(name)
             self._metadata.delete_group(name)  # refuses while volumes or a pair remain
             if info.id in self._groups:

@@ -70,6 +70,30 @@ def test_write_read_and_seq(tmp_path: Path) -> None:
     engine.close()
 
 
+def test_io_follows_volumes_moved_deleted_and_recreated(tmp_path: Path) -> None:
+    """The engine remembers which group serves a volume (no SQLite lookup per command); every
+    change of that map is seen by the next command."""
+    engine = open_engine(tmp_path)
+    engine.create_group("g1")
+    engine.create_group("g2")
+    engine.create_volume("v", SIZE, group="g1")
+    engine.write("v", 0, b"1" * BS)  # looked up once, then remembered
+    engine.move_volume("v", "g2")
+    seq = engine.write("v", 1, b"2" * BS)
+    g2 = engine.group("g2")
+    assert g2.journal.durable_seq == seq  # the write went to g2's journal
+    assert [r.seq for r in g2.journal.read_from(g2.journal.first_seq)][-1] == seq
+    assert engine.read("v", 0, 2) == b"1" * BS + b"2" * BS
+    engine.delete_volume("v")
+    with pytest.raises(NotFound):
+        engine.write("v", 0, b"3" * BS)
+    engine.create_volume("v", SIZE, group="g1")  # the same name, a new volume
+    assert engine.read("v", 0, 2) == bytes(2 * BS)
+    engine.write("v", 0, b"4" * BS)
+    assert engine.group_of("v")[0] is engine.group("g1")
+    engine.close()
+
+
 def test_bad_requests_leave_no_record(tmp_path: Path) -> None:
     engine = open_engine(tmp_path)
     engine.create_volume("v1", SIZE)
