@@ -133,16 +133,21 @@ class LaneReceiver(_Lane):
         """The next `length` bytes in a fresh buffer (the receive cache keeps views into it).
         A plain socket fills an uninitialised bytes object in one call (MSG_WAITALL): a
         zeroed bytearray would cost one more pass over every batch."""
+        got = b""
         if not isinstance(self._sock, ssl.SSLSocket):
-            data = self._sock.recv(length, socket.MSG_WAITALL) if length else b""
-            if len(data) != length:
-                raise InvalidArgument(
-                    f"the bulk lane ended inside a frame ({len(data)} of {length} bytes)"
-                )
-            return data
+            got = self._sock.recv(length, socket.MSG_WAITALL) if length else b""
+            if len(got) == length:
+                return got
+            if not got:
+                raise InvalidArgument("the bulk lane ended after a frame header")
+            # A signal cut the wait short (MSG_WAITALL returns what it has): fetch the rest.
         buffer = bytearray(length)
-        if length and not _recv_exactly(self._sock, memoryview(buffer)):
-            raise InvalidArgument("the bulk lane ended after a frame header")
+        buffer[: len(got)] = got
+        view = memoryview(buffer)[len(got) :]
+        if view.nbytes and not _recv_exactly(self._sock, view):
+            raise InvalidArgument(
+                f"the bulk lane ended inside a frame ({len(got)} of {length} bytes)"
+            )
         return buffer
 
     def frames(self) -> Iterator[Batch | Message]:

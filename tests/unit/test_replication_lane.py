@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -179,6 +181,34 @@ def test_frames_arrive_whole_and_in_order(listener: bulk.LaneListener) -> None:
         bulk.Message(b"hello"),
         bulk.Batch(2, 13, 7, big),
     ]
+
+
+def test_a_signal_during_a_frame_loses_nothing(listener: bulk.LaneListener) -> None:
+    """MSG_WAITALL returns early when a signal arrives mid-frame (a profiler's, a handler's):
+    the receiver fetches the rest, the frame is whole."""
+    payload = os.urandom(1 << 20)
+    raw, lane = _connect(listener)
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+
+    def send() -> None:
+        raw.sendall(bulk.FRAME.pack(bulk.KIND_BATCH, 1, 1, 1, len(payload)) + payload[:1000])
+        time.sleep(0.3)  # the receiver waits inside recv for the rest
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered to the main thread: the receiver
+        time.sleep(0.3)
+        raw.sendall(payload[1000:])
+        raw.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        frames = list(lane.frames())
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+        lane.close()
+    assert seen == [signal.SIGUSR1]
+    assert frames == [bulk.Batch(1, 1, 1, payload)]
 
 
 def test_an_unknown_token_is_refused(listener: bulk.LaneListener) -> None:
