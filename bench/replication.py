@@ -13,7 +13,10 @@ Prints one JSON object:
       in rounds (`_min`/`_max`: the spread of the per-round ratios). The primary's state is on
       the disk (`--dir`); the peer's on tmpfs, standing in for the other machine's own disk.
       `async_on_vs_off_shared_disk` puts the peer on the same disk: it adds the two sites'
-      fsyncs contending for one device, which a real pair does not have.
+      fsyncs contending for one device, which a real pair does not have. On 2 shared cores the
+      peer's process also takes CPU the writers would have had: `primary_cpu_us_per_write_*`
+      (this process, no pair / async pair) and `peer_cpu_us_per_write_async` show the cost per
+      write on each side, steadier than the wall-clock ratio.
   lag_p99_ms: replication lag (a write's acknowledgement at the primary to the peer's durable
       receipt acknowledged back) at half the maximum write rate, 99th percentile (goal <= 100).
   sync_latency_vs_async: median latency of one writer, sync pair over async pair.
@@ -245,20 +248,48 @@ def _load(a: _Site, seconds: float, threads: int, size: int) -> float:
 
 def _on_vs_off(
     disk: Path, peer_base: Path, seconds: float, rounds: int
-) -> tuple[float, float, list[float]]:
+) -> tuple[float, float, list[float], dict[str, float]]:
     """Writes per second with no pair and with an async pair: both sets of sites open at once
     and the load alternating between them in `rounds` rounds (the machine's load drifts; both
-    sides see the same drift). Returns (off, on, the per-round ratios)."""
+    sides see the same drift). Returns (off, on, the per-round ratios, CPU microseconds per
+    write: this process with no pair and with the pair, and the pair's peer process)."""
     with _sites(disk, None) as off_site, _sites(disk, PairMode.ASYNC, peer_base) as on_site:
-        off = on = 0.0
+        totals = {"off": [0.0, 0.0, 0.0], "on": [0.0, 0.0, 0.0]}  # writes, cpu here, cpu peer
         spread: list[float] = []
-        for _ in range(rounds):
-            round_off = _load(off_site, seconds / rounds, 8, 4096)
-            round_on = _load(on_site, seconds / rounds, 8, 4096)
-            off += round_off
-            on += round_on
-            spread.append(round_on / round_off)
-        return off / rounds, on / rounds, spread
+        me = os.getpid()
+
+        def measure(label: str, site: _Site) -> float:
+            here, peer = _cpu_seconds(me), _cpu_seconds(on_site.peer_pid)
+            started = time.perf_counter()
+            rate = _load(site, seconds / rounds, 8, 4096)
+            entry = totals[label]
+            entry[0] += rate * (time.perf_counter() - started)
+            entry[1] += _cpu_seconds(me) - here
+            entry[2] += _cpu_seconds(on_site.peer_pid) - peer
+            return rate
+
+        off = on = 0.0
+        for n in range(rounds):
+            # Each side goes first in every other round: the first load leaves dirty pages that
+            # the kernel writes back during the second.
+            order = (
+                [("on", on_site), ("off", off_site)]
+                if n % 2
+                else [
+                    ("off", off_site),
+                    ("on", on_site),
+                ]
+            )
+            rates = {label: measure(label, site) for label, site in order}
+            off += rates["off"]
+            on += rates["on"]
+            spread.append(rates["on"] / rates["off"])
+        cpu = {
+            "primary_cpu_us_per_write_no_pair": totals["off"][1] / totals["off"][0] * 1e6,
+            "primary_cpu_us_per_write_async": totals["on"][1] / totals["on"][0] * 1e6,
+            "peer_cpu_us_per_write_async": totals["on"][2] / totals["on"][0] * 1e6,
+        }
+        return off / rounds, on / rounds, spread, cpu
 
 
 def _lag(a: _Site, rate: float, seconds: float, size: int) -> list[float]:
@@ -333,13 +364,13 @@ def run(quick: bool = False, directory: Path | None = None) -> dict[str, float |
     # tmpfs so that its fsyncs do not queue behind the primary's on the one disk (the figure
     # with both on the disk is printed too: it measures that contention, not replication).
     for key, peer_base in (("async_on_vs_off", tmpfs), ("async_on_vs_off_shared_disk", disk)):
-        off, on, spread = _on_vs_off(disk, peer_base, seconds, rounds=3 if not quick else 1)
+        off, on, spread, cpu = _on_vs_off(disk, peer_base, seconds, rounds=4 if not quick else 2)
         result[key] = on / off
-        if len(spread) > 1:
-            result[f"{key}_min"], result[f"{key}_max"] = min(spread), max(spread)
+        result[f"{key}_min"], result[f"{key}_max"] = min(spread), max(spread)
         if peer_base is tmpfs:
             result["writes_s_no_pair"] = off
             result["writes_s_async"] = on
+            result.update(cpu)
     with _sites(disk, PairMode.ASYNC, tmpfs) as a:
         rate = max(float(result["writes_s_async"]) / 2, 1.0)
         lags = _lag(a, rate, seconds, 4096)
