@@ -110,6 +110,15 @@ def login(
     ctx.run([*_node(target, portal), "--login"], timeout=90)
 
 
+def login_lun(ctx: GuestContext, target: str, portal: str, lun: int = 0) -> str:
+    """Discover `portal` (checked: it offers `target`), log in, and wait for the disk of `lun`;
+    returns its /dev/sdX."""
+    offered = discover(ctx, portal)
+    ctx.check(target in offered, f"discovery offers {target} (got {offered})")
+    login(ctx, target, portal)
+    return disk_for(ctx, target, lun=lun)
+
+
 def logout(ctx: GuestContext, target: str, portal: str) -> None:
     ctx.run([*_node(target, portal), "--logout"], timeout=90)
     ctx.run([*_node(target, portal), "-o", "delete"], check=False)

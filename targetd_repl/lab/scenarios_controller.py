@@ -17,19 +17,17 @@ TCMU ring in-process; volumes come from the CLI over the control socket.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import mmap
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from targetd_repl.lab import initiator
+from targetd_repl.lab.child import ChildProcess, cli_prefix
+from targetd_repl.lab.data import read_direct, sha256, writes_done
 from targetd_repl.lab.errors import ScenarioAssertion
 from targetd_repl.lab.registry import scenario
 
@@ -44,14 +42,6 @@ WORKDIR = Path("/var/lib/targetd-lab/controller")  # in the guest's tmpfs overla
 # engine, rtslib) must fit well inside it.
 CMD_TIME_OUT = 120
 START_TIMEOUT = 180.0
-
-
-def _cli_prefix() -> list[str]:
-    """The venv's `targetd-repl` console script (the guest shares the host's venv)."""
-    script = Path(sys.executable).parent / "targetd-repl"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "targetd_repl.cli"]
 
 
 def _site_toml(state: Path, socket: Path, certs: Path) -> str:
@@ -78,102 +68,40 @@ cmd_time_out = {CMD_TIME_OUT}
 """
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_direct(device: str, offset: int, length: int) -> bytes:
-    """Bytes of a block device read with O_DIRECT (the page cache cannot answer)."""
-    buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    try:
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
-            if n <= 0:
-                raise ScenarioAssertion(f"short O_DIRECT read of {device} at {offset + done}")
-            done += n
-        return bytes(buf)
-    finally:
-        os.close(fd)
-        buf.close()
-
-
-class Controller:
+class Controller(ChildProcess):
     """`targetd-repl serve --config site.toml` as our child, logging to controller.log in the
     results. Started, killed and stopped by its PID only."""
 
     def __init__(self, ctx: GuestContext, config: Path, state: Path) -> None:
-        self.ctx = ctx
-        self.cmd = [*_cli_prefix(), "serve", "--config", str(config)]
+        super().__init__(
+            ctx,
+            "controller",
+            [*cli_prefix(), "serve", "--config", str(config)],
+            env={"PYTHONUNBUFFERED": "1"},
+            cleanup_timeout=60,
+        )
         self.endpoints = state / "endpoints.json"
-        self.log_path = ctx.out / "controller.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._mark = 0
 
     def start(self) -> float:
         """Start and wait until it serves (endpoints.json names its pid); returns seconds."""
-        self.starts += 1
         started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            log.write(f"--- controller start {self.starts}: {' '.join(self.cmd)}\n".encode())
-            self._mark = log.tell()
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self.ctx.log.info("controller started, pid %d", self.proc.pid)
+        proc = self.spawn()
         deadline = started + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise ScenarioAssertion(
-                    f"the controller exited with {self.proc.returncode} while starting:\n"
-                    f"{self.output()[-3000:]}"
+                    f"the controller exited with {proc.returncode} while starting:\n"
+                    f"{self.log_tail()}"
                 )
             with contextlib.suppress(OSError, ValueError):
-                if json.loads(self.endpoints.read_text()).get("pid") == self.proc.pid:
+                if json.loads(self.endpoints.read_text()).get("pid") == proc.pid:
                     return round(time.monotonic() - started, 3)
             time.sleep(0.1)
         raise ScenarioAssertion(f"the controller did not serve within {START_TIMEOUT} s")
 
-    def output(self) -> str:
-        with self.log_path.open("rb") as f:
-            f.seek(self._mark)
-            return f.read().decode(errors="replace")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # SIGKILL, by PID
-        self.proc.wait(timeout=30)
-        self.ctx.log.info("controller pid %d killed with -9", self.proc.pid)
-
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM; returns the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise ScenarioAssertion(f"the controller ignored SIGTERM for {timeout} s") from None
-
-    def cleanup(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.proc is not None and self.proc.poll() is None:
-                # Log out first: a session with commands on an unserved ring waits for them.
-                self.ctx.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False)
-                self.terminate(timeout=60)
-
-
-def _writes_done(device: str) -> int:
-    """Writes the block device completed (field 5 of /sys/block/<dev>/stat)."""
-    return int(Path(f"/sys/block/{os.path.basename(device)}/stat").read_text().split()[4])
+        return self.sigterm_and_wait(timeout, f"the controller ignored SIGTERM for {timeout} s")
 
 
 def _lun_of(volume: str) -> dict[int, str]:
@@ -210,7 +138,7 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
     state, certs = WORKDIR / "state", WORKDIR / "certs"
     socket = WORKDIR / "run" / "control.sock"
     config = WORKDIR / "site.toml"
-    cli = _cli_prefix()
+    cli = cli_prefix()
     site = ["--socket", str(socket)]
     ctx.run([*cli, "certs", "--out", str(certs), "--sites", SITE], timeout=180)
     config.write_text(_site_toml(state, socket, certs))
@@ -228,10 +156,7 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
     )
     iqn = lio.site_iqn(SITE)
     with ctx.timed("iscsi_login"):
-        offered = initiator.discover(ctx, PORTAL)
-        ctx.check(iqn in offered, f"discovery offers {iqn} (got {offered})")
-        initiator.login(ctx, iqn, PORTAL)
-        device = initiator.disk_for(ctx, iqn, lun=0)
+        device = initiator.login_lun(ctx, iqn, PORTAL)
     device_size = initiator.block_size_bytes(device)
     ctx.check(device_size == size, f"{device} has the volume's size ({device_size})")
 
@@ -260,9 +185,9 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
     with ctx.timed("dd_first"):
         dd("first.bin", 1)
     io_first = io_read(MiB, len(first), "io-first.bin")
-    device_first = _read_direct(device, MiB, len(first))
-    ctx.check(_sha256(io_first) == _sha256(first), "io read returns what dd wrote")
-    ctx.check(_sha256(device_first) == _sha256(first), "the device reads back what dd wrote")
+    device_first = read_direct(device, MiB, len(first))
+    ctx.check(sha256(io_first) == sha256(first), "io read returns what dd wrote")
+    ctx.check(sha256(device_first) == sha256(first), "the device reads back what dd wrote")
 
     with ctx.timed("dd_last"):
         dd("last.bin", 8)  # dd returned: every O_DIRECT write was acknowledged
@@ -285,15 +210,15 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
         initiator.discover(ctx, PORTAL)  # logout deleted the node record
         initiator.login(ctx, iqn, PORTAL)
         device = initiator.disk_for(ctx, iqn, lun=0)
-    device_first_after = _read_direct(device, MiB, len(first))
-    device_last_after = _read_direct(device, 8 * MiB, len(last))
+    device_first_after = read_direct(device, MiB, len(first))
+    device_last_after = read_direct(device, 8 * MiB, len(last))
     io_last_after = io_read(8 * MiB, len(last), "io-last.bin")
-    ctx.check(_sha256(device_first_after) == _sha256(first), "the first data reads back identical")
+    ctx.check(sha256(device_first_after) == sha256(first), "the first data reads back identical")
     ctx.check(
-        _sha256(device_last_after) == _sha256(last),
+        sha256(device_last_after) == sha256(last),
         "the write acknowledged right before kill -9 is on the device",
     )
-    ctx.check(_sha256(io_last_after) == _sha256(last), "... and io read returns it too")
+    ctx.check(sha256(io_last_after) == sha256(last), "... and io read returns it too")
     listed = json.loads(ctx.run([*cli, "volume", "list", *site, "--json"]).stdout)
 
     # SIGTERM under I/O: in-flight commands finish, the rest wait in the ring for the next start.
@@ -314,13 +239,13 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
             writer.wait(timeout=30)
 
     ctx.cleanups.callback(stop_writer)
-    base = _writes_done(device)
+    base = writes_done(device)
     deadline = time.monotonic() + 120
-    while _writes_done(device) < base + 8 and writer.poll() is None:
+    while writes_done(device) < base + 8 and writer.poll() is None:
         if time.monotonic() > deadline:
             raise ScenarioAssertion("dd made no progress in 120 s")
         time.sleep(0.05)
-    writes_before_sigterm = _writes_done(device) - base
+    writes_before_sigterm = writes_done(device) - base
     with ctx.timed("controller_sigterm_under_io"):
         sigterm_under_io_rc = controller.terminate()
     sigterm_under_io_log = controller.output()
@@ -333,10 +258,10 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         raise ScenarioAssertion("dd did not finish within 300 s of the restart") from None
     ctx.check(writer.returncode == 0, f"dd across SIGTERM + start exits 0 ({dd_err!r})")
-    device_third = _read_direct(device, 16 * MiB, len(third))
+    device_third = read_direct(device, 16 * MiB, len(third))
     io_third_tail = io_read(28 * MiB, 4 * MiB, "io-third-tail.bin")
-    ctx.check(_sha256(device_third) == _sha256(third), "the write across SIGTERM is whole")
-    ctx.check(_sha256(io_third_tail) == _sha256(third[12 * MiB :]), "... and io read agrees")
+    ctx.check(sha256(device_third) == sha256(third), "the write across SIGTERM is whole")
+    ctx.check(sha256(io_third_tail) == sha256(third[12 * MiB :]), "... and io read agrees")
 
     # Resize re-exports the LUN under the same number, at the new size, data kept.
     initiator.logout(ctx, iqn, PORTAL)
@@ -348,10 +273,10 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
         initiator.login(ctx, iqn, PORTAL)
         device = initiator.disk_for(ctx, iqn, lun=0)
     device_size_after_resize = initiator.block_size_bytes(device)
-    device_first_after_resize = _read_direct(device, MiB, len(first))
+    device_first_after_resize = read_direct(device, MiB, len(first))
     ctx.check(lun_after_resize == {0: f"user/{volume}"}, f"resize kept LUN 0 ({lun_after_resize})")
     ctx.check(device_size_after_resize == 96 * MiB, f"resized: {device_size_after_resize} bytes")
-    ctx.check(_sha256(device_first_after_resize) == _sha256(first), "resize kept the data")
+    ctx.check(sha256(device_first_after_resize) == sha256(first), "resize kept the data")
 
     initiator.logout(ctx, iqn, PORTAL)
     with ctx.timed("controller_sigterm"):
@@ -367,13 +292,13 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
         "lun_after_drift": lun_after_drift,
         "lun_removed_by_drift": removed,
         "lun_after_restart": lun_after_restart,
-        "first_sha256": _sha256(first),
-        "io_read_first_sha256": _sha256(io_first),
-        "device_first_sha256": _sha256(device_first),
-        "device_first_after_restart_sha256": _sha256(device_first_after),
-        "last_sha256": _sha256(last),
-        "device_last_after_restart_sha256": _sha256(device_last_after),
-        "io_read_last_after_restart_sha256": _sha256(io_last_after),
+        "first_sha256": sha256(first),
+        "io_read_first_sha256": sha256(io_first),
+        "device_first_sha256": sha256(device_first),
+        "device_first_after_restart_sha256": sha256(device_first_after),
+        "last_sha256": sha256(last),
+        "device_last_after_restart_sha256": sha256(device_last_after),
+        "io_read_last_after_restart_sha256": sha256(io_last_after),
         "first_start_s": first_start_s,
         "restart_s": restart_s,
         "restart_repaired": [
@@ -382,18 +307,18 @@ def controller_export(ctx: GuestContext) -> dict[str, Any]:
             if " LIO: " in line and "export" in line
         ],
         "restart_log_tail": restart_log[-3000:],
-        "third_sha256": _sha256(third),
+        "third_sha256": sha256(third),
         "writes_before_sigterm": writes_before_sigterm,
         "dd_running_at_sigterm": dd_running_at_stop,
         "sigterm_under_io_exit": sigterm_under_io_rc,
         "sigterm_under_io_log_tail": sigterm_under_io_log[-1500:],
         "dd_across_sigterm_exit": writer.returncode,
-        "device_third_sha256": _sha256(device_third),
-        "io_read_third_tail_sha256": _sha256(io_third_tail),
-        "third_tail_sha256": _sha256(third[12 * MiB :]),
+        "device_third_sha256": sha256(device_third),
+        "io_read_third_tail_sha256": sha256(io_third_tail),
+        "third_tail_sha256": sha256(third[12 * MiB :]),
         "lun_after_resize": lun_after_resize,
         "device_size_after_resize": device_size_after_resize,
-        "device_first_after_resize_sha256": _sha256(device_first_after_resize),
+        "device_first_after_resize_sha256": sha256(device_first_after_resize),
         "sigterm_exit": sigterm_rc,
         "sigterm_log_tail": stop_log[-1500:],
         "controller_starts": controller.starts,

@@ -24,9 +24,7 @@ engine whose state lives on the guest's tmpfs; LIO is configured only through ta
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import mmap
 import os
 import random
 import re
@@ -39,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from targetd_repl import lio
 from targetd_repl.lab import initiator
+from targetd_repl.lab.child import ChildProcess
+from targetd_repl.lab.data import sha256, sha256_direct, sha256_file, writes_done
 from targetd_repl.lab.errors import ScenarioAssertion
 from targetd_repl.lab.guest import param
 from targetd_repl.lab.registry import scenario
@@ -61,34 +61,7 @@ CMD_TIME_OUT = 60
 _IO_ERROR = re.compile(r"I/O error|critical (target|medium|space allocation) error|Buffer I/O")
 
 
-def _sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_direct(device: str) -> tuple[str, int]:
-    """sha256 of a whole block device read with O_DIRECT (the page cache cannot answer)."""
-    digest = hashlib.sha256()
-    buf = mmap.mmap(-1, MiB)  # page-aligned, as O_DIRECT wants
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    total = 0
-    try:
-        while True:
-            n = os.preadv(fd, [buf], total)
-            if n <= 0:
-                break
-            digest.update(memoryview(buf)[:n])
-            total += n
-    finally:
-        os.close(fd)
-        buf.close()
-    return digest.hexdigest(), total
-
-
-class Handler:
+class Handler(ChildProcess):
     """Our TCMU handler as a separate process (`python -m targetd_repl.datapath --engine`),
     logging to handler.log in the results. Started, killed and stopped by its PID only."""
 
@@ -102,8 +75,6 @@ class Handler:
     ) -> None:
         """`volumes` are NAME:SIZE; `memory` serves them from memory (`--memory`, no engine:
         the benchmark's measure of the ring and SCSI layers alone)."""
-        self.ctx = ctx
-        self.state_dir = state_dir
         backend = (
             [arg for volume in volumes for arg in ("--memory", volume)]
             if memory
@@ -112,30 +83,12 @@ class Handler:
                 *(arg for volume in volumes for arg in ("--volume", volume)),
             ]
         )
-        self.cmd = [sys.executable, "-m", "targetd_repl.datapath", *backend, *extra]
-        self.log_path = ctx.out / "handler.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self._mark = 0  # offset in the log where the current process's lines start
+        cmd = [sys.executable, "-m", "targetd_repl.datapath", *backend, *extra]
+        super().__init__(ctx, "handler", cmd, cleanup_timeout=30)
+        self.state_dir = state_dir
 
     def start(self) -> None:
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"--- handler start {self.starts}: {' '.join(self.cmd)}\n".encode())
-            self._mark = log.tell()
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.ctx.log.info("handler started, pid %d", self.proc.pid)
-
-    def output(self) -> str:
-        with self.log_path.open("rb") as f:
-            f.seek(self._mark)
-            return f.read().decode(errors="replace")
+        self.spawn()
 
     def wait_for(self, pattern: str, timeout: float = 90) -> re.Match[str]:
         """Wait until the current process logs a line matching `pattern`."""
@@ -145,9 +98,9 @@ class Handler:
             found = regex.search(self.output())
             if found is not None:
                 return found
-            if self.proc is None or self.proc.poll() is not None:
+            if not self.running():
                 raise ScenarioAssertion(
-                    f"the handler exited before logging /{pattern}/:\n{self.output()[-3000:]}"
+                    f"the handler exited before logging /{pattern}/:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise ScenarioAssertion(f"the handler did not log /{pattern}/ in {timeout} s")
@@ -160,34 +113,11 @@ class Handler:
         )
         return {"cmd_tail": int(found.group(1)), "cmd_head": int(found.group(2))}
 
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # SIGKILL, by PID
-        self.proc.wait(timeout=30)
-        self.ctx.log.info("handler pid %d killed with -9", self.proc.pid)
-
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM; the handler finishes in-flight commands and checkpoints the engine."""
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.running():
             return self.proc.returncode if self.proc is not None else 0
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise ScenarioAssertion(f"the handler did not stop within {timeout} s") from None
-
-    def cleanup(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.proc is not None and self.proc.poll() is None:
-                # Log out first: a session with commands on a dead ring waits for cmd_time_out.
-                self.ctx.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False)
-                self.stop(timeout=30)
+        return self.sigterm_and_wait(timeout, f"the handler did not stop within {timeout} s")
 
 
 def _user_lun(volume: str, size: int, lun: int = 0, **kw: Any) -> lio.LunSpec:
@@ -216,21 +146,9 @@ def _export(ctx: GuestContext, *luns: lio.LunSpec) -> str:
     return wanted.target_iqn
 
 
-def _login(ctx: GuestContext, iqn: str, lun: int = 0) -> str:
-    offered = initiator.discover(ctx, str(PORTAL))
-    ctx.check(iqn in offered, f"discovery offers {iqn} (got {offered})")
-    initiator.login(ctx, iqn, str(PORTAL))
-    return initiator.disk_for(ctx, iqn, lun=lun)
-
-
 def _dmesg_since(mark: int) -> list[str]:
     out = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
     return out.splitlines()[mark:]
-
-
-def _writes_done(device: str) -> int:
-    """Writes the block device completed (field 5 of /sys/block/<dev>/stat)."""
-    return int(Path(f"/sys/block/{os.path.basename(device)}/stat").read_text().split()[4])
 
 
 def _dmesg_mark() -> int:
@@ -286,7 +204,7 @@ def datapath_mkfs(ctx: GuestContext) -> dict[str, Any]:
     with ctx.timed("handler_attach"):
         handler.wait_serving(volume)
     with ctx.timed("iscsi_login"):
-        device = _login(ctx, iqn)
+        device = initiator.login_lun(ctx, iqn, str(PORTAL))
     device_size = initiator.block_size_bytes(device)
     ctx.check(device_size == size, f"{device} has the volume's size ({device_size})")
     queue_dir = Path(f"/sys/block/{os.path.basename(device)}/queue")
@@ -301,23 +219,23 @@ def datapath_mkfs(ctx: GuestContext) -> dict[str, Any]:
     mnt.mkdir(parents=True, exist_ok=True)
     rng = random.Random(20251122)
     files = {f"file{i}.bin": rng.randbytes(rng.randrange(MiB // 2, 3 * MiB)) for i in range(5)}
-    wanted = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    wanted = {name: sha256(data) for name, data in files.items()}
     with ctx.timed("mount_write_sync"):
         ctx.run(["mount", "-t", "ext4", device, str(mnt)])
         (mnt / "dir").mkdir()
         for name, data in files.items():
             (mnt / "dir" / name).write_bytes(data)
         ctx.run(["sync"])
-        written = {name: _sha256_file(mnt / "dir" / name) for name in files}
+        written = {name: sha256_file(mnt / "dir" / name) for name in files}
         ctx.run(["umount", str(mnt)])
     ctx.check(written == wanted, "the files read back before unmount")
     with ctx.timed("iscsi_logout"):
         initiator.logout(ctx, iqn, str(PORTAL))
 
     with ctx.timed("relogin_verify"):
-        device = _login(ctx, iqn)
+        device = initiator.login_lun(ctx, iqn, str(PORTAL))
         ctx.run(["mount", "-t", "ext4", "-o", "ro", device, str(mnt)])
-        after = {name: _sha256_file(mnt / "dir" / name) for name in files}
+        after = {name: sha256_file(mnt / "dir" / name) for name in files}
         listing = sorted(p.name for p in (mnt / "dir").iterdir())
         ctx.run(["umount", str(mnt)])
     ctx.check(after == wanted, f"after re-login every file verifies ({len(after)} files)")
@@ -325,7 +243,7 @@ def datapath_mkfs(ctx: GuestContext) -> dict[str, Any]:
     fsck = ctx.run(["e2fsck", "-f", "-n", device], check=False, timeout=300)
     ctx.check(fsck.returncode == 0, f"e2fsck -f -n finds the file system clean ({fsck.returncode})")
     with ctx.timed("read_device_direct"):
-        device_sha, device_bytes = _sha256_direct(device)
+        device_sha, device_bytes = sha256_direct(device)
     ctx.check(device_bytes == size, f"read the whole device ({device_bytes} bytes)")
     initiator.logout(ctx, iqn, str(PORTAL))
 
@@ -333,7 +251,7 @@ def datapath_mkfs(ctx: GuestContext) -> dict[str, Any]:
         rc = handler.stop()
     ctx.check(rc == 0, f"the handler stopped cleanly (exit {rc})")
     image = state / "volumes" / f"{volume}.img"
-    image_sha = _sha256_file(image)
+    image_sha = sha256_file(image)
     ctx.check(image_sha == device_sha, "the volume image equals the device, byte for byte")
     journal = _journal_stats(state, volume)
     ctx.check(journal["write_records"] > 0, f"the journal holds write records ({journal})")
@@ -378,7 +296,7 @@ def datapath_kill9(ctx: GuestContext) -> dict[str, Any]:
     handler.start()
     iqn = _export(ctx, _user_lun(volume, size))
     handler.wait_serving(volume)
-    device = _login(ctx, iqn)
+    device = initiator.login_lun(ctx, iqn, str(PORTAL))
     # The SCSI layer's own command timeout must outlast a restart too (default 30 s).
     sd_timeout = Path(f"/sys/block/{os.path.basename(device)}/device/timeout")
     sd_timeout.write_text("120")
@@ -409,14 +327,14 @@ def datapath_kill9(ctx: GuestContext) -> dict[str, Any]:
         try:
             for _ in range(2):
                 # Kill under load: once writes complete again, at a random moment after that.
-                base = _writes_done(device)
-                while _writes_done(device) < base + 32 and proc.poll() is None:
+                base = writes_done(device)
+                while writes_done(device) < base + 32 and proc.poll() is None:
                     time.sleep(0.05)
                 delay = rng.uniform(0.2, 3.0)
                 time.sleep(delay)
                 if proc.poll() is not None:
                     break
-                writes_before = _writes_done(device)
+                writes_before = writes_done(device)
                 killed_at = time.monotonic()
                 handler.kill9()
                 handler.start()
@@ -706,7 +624,7 @@ def datapath_write_protect(ctx: GuestContext) -> dict[str, Any]:
     handler.start()
     iqn = _export(ctx, _user_lun(volume, size))
     handler.wait_serving(volume)
-    device = _login(ctx, iqn)
+    device = initiator.login_lun(ctx, iqn, str(PORTAL))
     session = initiator.session_dir(iqn)
     sg = _sg_device(device)
     blocks = {name: random.Random(name).randbytes(64 * 1024) for name in ("a", "b", "c", "d")}

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import random
@@ -30,6 +29,7 @@ import pyudev
 
 from targetd_repl import lio
 from targetd_repl.lab import initiator
+from targetd_repl.lab.data import read_range, sha256
 from targetd_repl.lab.registry import scenario
 
 if TYPE_CHECKING:
@@ -48,16 +48,6 @@ ENTRY_REQ = struct.Struct("<III")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt (at +8)
 ENTRY_CDB_OFF = struct.Struct("<Q")  # cdb_off (at +24)
 TCMU_OP_MASK = 0x7
 TCMU_OP_NAMES = {0: "PAD", 1: "CMD"}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
 
 
 @scenario("lio_fileio_smoke", needs=("iscsid",), timeout_s=300)
@@ -129,15 +119,15 @@ def lio_fileio_smoke(ctx: GuestContext) -> dict[str, Any]:
                 *("count=4", "iflag=direct", "status=none"),
             ]
         )
-    written = _sha256(pattern)
-    read_back = _sha256(readback_file.read_bytes())
+    written = sha256(pattern)
+    read_back = sha256(readback_file.read_bytes())
     ctx.check(read_back == written, f"read back {read_back} == written {written}")
     with ctx.timed("iscsi_logout"):
         initiator.logout(ctx, iqn, str(PORTAL))
 
-    in_file = _sha256(_read_range(str(backing), offset, len(pattern)))
+    in_file = sha256(read_range(str(backing), offset, len(pattern)))
     ctx.check(in_file == written, f"backing file holds the pattern at 1 MiB ({in_file})")
-    head = _read_range(str(backing), 0, offset)
+    head = read_range(str(backing), 0, offset)
     ctx.check(head == bytes(offset), "the first MiB of the backing file is still zeros")
 
     with ctx.timed("lio_teardown"):
@@ -225,8 +215,8 @@ def lio_acl_chap(ctx: GuestContext) -> dict[str, Any]:
         ]
     )
     initiator.logout(ctx, iqn, str(PORTAL))
-    in_file = _sha256(_read_range(str(backing), 0, MiB))
-    ctx.check(in_file == _sha256(pattern), "the CHAP session's write is in the backing file")
+    in_file = sha256(read_range(str(backing), 0, MiB))
+    ctx.check(in_file == sha256(pattern), "the CHAP session's write is in the backing file")
 
     # Mutual CHAP: the target must prove itself too. Only the ACL's CHAP changes.
     with ctx.timed("lio_reconcile_mutual"):
@@ -268,7 +258,7 @@ def lio_acl_chap(ctx: GuestContext) -> dict[str, Any]:
         "reconcile_mutual": to_mutual,
         "refused_wrong_password": refused_password,
         "refused_wrong_target_secret": refused_target,
-        "sha256_written": _sha256(pattern),
+        "sha256_written": sha256(pattern),
         "sha256_backing": in_file,
         "teardown": teardown,
     }
@@ -324,9 +314,7 @@ def lio_alua_standby(ctx: GuestContext) -> dict[str, Any]:
     ctx.check("(standby)" in rtpg_standby, "REPORT TARGET PORT GROUPS says standby")
     refused = _dd_write(ctx, second, device, 1)
     ctx.check(refused != 0, f"standby: the write fails (dd exit {refused})")
-    ctx.check(
-        _read_range(str(backing), MiB, MiB) == bytes(MiB), "standby: nothing reached the file"
-    )
+    ctx.check(read_range(str(backing), MiB, MiB) == bytes(MiB), "standby: nothing reached the file")
 
     with ctx.timed("to_active"):
         to_active = lio.reconcile(config(active))
@@ -338,7 +326,7 @@ def lio_alua_standby(ctx: GuestContext) -> dict[str, Any]:
             time.sleep(1)
     ctx.check(initiator.session_dir(iqn) == session, "the same iSCSI session: no re-login")
     ctx.check(
-        _read_range(str(backing), 0, 2 * MiB) == first.read_bytes() + second.read_bytes(),
+        read_range(str(backing), 0, 2 * MiB) == first.read_bytes() + second.read_bytes(),
         "the backing file has both writes",
     )
     initiator.logout(ctx, iqn, str(PORTAL))

@@ -12,7 +12,6 @@ coordinate with `ctx.signal(name, data)` / `ctx.wait_for(name)` (see `sites.Rend
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from targetd_repl import lio
 from targetd_repl.lab import initiator
+from targetd_repl.lab.data import read_range, sha256
 from targetd_repl.lab.errors import ScenarioAssertion
 from targetd_repl.lab.registry import scenario
 from targetd_repl.lab.sites import find_interface
@@ -40,10 +40,6 @@ PATTERN_OFFSET = 1 * MiB
 PATTERN_BYTES = 4 * MiB
 WORKDIR = Path("/var/lib/targetd-lab")  # in the guest's tmpfs overlay
 STEP_TIMEOUT_S = 180.0  # how long one half waits for the other's next step (TCG is slow)
-
-
-def _sha256(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _site(ctx: GuestContext) -> SiteInfo:
@@ -85,7 +81,7 @@ def _tcp_exchange(ctx: GuestContext) -> dict[str, Any]:
     """16 MiB from b to a, then 16 MiB from a to b, on one TCP connection over the guest NIC."""
     site = _site(ctx)
     outgoing = os.urandom(TCP_BYTES)
-    sent_sha = _sha256(outgoing)
+    sent_sha = sha256(outgoing)
     if site.name == TARGET_SITE:
         with socket.create_server((site.address, TCP_PORT)) as server:
             server.settimeout(STEP_TIMEOUT_S)
@@ -110,7 +106,7 @@ def _tcp_exchange(ctx: GuestContext) -> dict[str, Any]:
             conn.shutdown(socket.SHUT_WR)
             send_s = time.monotonic() - started  # until the kernel took it all (not the peer)
             received, recv_s = _recv_all(conn, TCP_BYTES)
-    received_sha = _sha256(received)
+    received_sha = sha256(received)
     mine = {
         "peer": f"{peer[0]}:{peer[1]}",
         "sent_bytes": len(outgoing),
@@ -156,9 +152,8 @@ def _export_and_check(ctx: GuestContext) -> dict[str, Any]:
     ctx.signal("target_ready", {"iqn": wanted.target_iqn, "portal": str(portal)})
     with ctx.timed("wait_for_initiator"):
         written = ctx.wait_for("iscsi_written", STEP_TIMEOUT_S)
-    with backing.open("rb") as f:
-        head = f.read(PATTERN_OFFSET)
-        in_file = _sha256(f.read(PATTERN_BYTES))
+    head = read_range(backing, 0, PATTERN_OFFSET)
+    in_file = sha256(read_range(backing, PATTERN_OFFSET, PATTERN_BYTES))
     ctx.check(
         in_file == written["sha256"],
         f"the backing file holds at 1 MiB what {site.peer} wrote ({in_file[:16]})",
@@ -195,7 +190,7 @@ def _login_and_write(ctx: GuestContext, iface: str) -> dict[str, Any]:
     size = initiator.block_size_bytes(device)
     ctx.check(size == LUN_SIZE, f"{device} has the LUN's size {LUN_SIZE} (got {size})")
     pattern = os.urandom(PATTERN_BYTES)
-    written = _sha256(pattern)
+    written = sha256(pattern)
     pattern_file = Path("/tmp/twosite-pattern.bin")
     pattern_file.write_bytes(pattern)
     nic_before = _nic_bytes(iface)
@@ -218,7 +213,7 @@ def _login_and_write(ctx: GuestContext, iface: str) -> dict[str, Any]:
                 *("iflag=direct", "status=none"),
             ]
         )
-    read_back = _sha256(readback.read_bytes())
+    read_back = sha256(readback.read_bytes())
     ctx.check(read_back == written, f"read back what was written ({written[:16]})")
     with ctx.timed("iscsi_logout"):
         initiator.logout(ctx, iqn, portal)

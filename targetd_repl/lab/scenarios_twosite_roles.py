@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from targetd_repl.lab import initiator
+from targetd_repl.lab.child import cli_prefix
+from targetd_repl.lab.data import read_direct, sha256_file
 from targetd_repl.lab.errors import ScenarioAssertion
 from targetd_repl.lab.registry import scenario
-from targetd_repl.lab.scenarios_controller import Controller, _cli_prefix, _read_direct
+from targetd_repl.lab.scenarios_controller import Controller
 
 if TYPE_CHECKING:
     from targetd_repl.lab.guest import GuestContext
@@ -79,14 +81,6 @@ cmd_time_out = {CMD_TIME_OUT}
 """
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class Site:
     """This guest's half: its controller, its CLI, its initiator and its LUN."""
 
@@ -101,7 +95,7 @@ class Site:
         self.sock = WORKDIR / "run" / "control.sock"
         self.certs = WORKDIR / "certs"
         self.config = WORKDIR / "site.toml"
-        self.cli = _cli_prefix()
+        self.cli = cli_prefix()
         self.controller: Controller | None = None
         self.device: str | None = None
         self.mount = WORKDIR / "mnt"
@@ -231,14 +225,14 @@ class Site:
         for i in range(count):
             path = self.mount / f"{prefix}-{i}.bin"
             path.write_bytes(os.urandom(size))
-            written[path.name] = _sha256_file(path)
+            written[path.name] = sha256_file(path)
         self.ctx.run(["sync", "-f", str(self.mount)], timeout=180)
         return written
 
     def read_files(self) -> dict[str, str]:
         # Drop the page cache: the bytes must come from the LUN, not from memory.
         Path("/proc/sys/vm/drop_caches").write_text("3")
-        return {p.name: _sha256_file(p) for p in sorted(self.mount.glob("*.bin"))}
+        return {p.name: sha256_file(p) for p in sorted(self.mount.glob("*.bin"))}
 
     def fsck(self) -> int:
         assert self.device is not None
@@ -250,7 +244,7 @@ class Site:
         assert self.device is not None
         digest = hashlib.sha256()
         for offset in range(0, VOLUME_SIZE, 4 * MiB):
-            digest.update(_read_direct(self.device, offset, 4 * MiB))
+            digest.update(read_direct(self.device, offset, 4 * MiB))
         return digest.hexdigest()
 
     def write_refused(self) -> dict[str, Any]:
