@@ -52,6 +52,9 @@ names exist. Every error is one line that names the key: `ConfigError`.
     chap_userid = "host1"                       # optional CHAP: both or neither, and either
     chap_password = "a-long-secret"             # every ACL has CHAP or none has
 
+    [metrics]                                   # optional: Prometheus text format at
+    listen = "127.0.0.1:9477"                   # GET http://HOST:PORT/metrics (metrics.py)
+
 Without `[export]` the controller touches no LIO object and runs no data path (volumes are
 reached through the control API only). With it, the controller exports every volume of the site
 as a LUN of its iSCSI target on a TCMU `user:` backstore, serves those LUNs in-process, and
@@ -100,6 +103,7 @@ _SECTIONS: dict[str, frozenset[str]] = {
     "export": frozenset(
         {"portals", "demo_mode", "acls", "workers", "hw_max_sectors", "cmd_time_out"}
     ),
+    "metrics": frozenset({"listen"}),
 }
 _ACL_KEYS = frozenset({"initiator", "chap_userid", "chap_password"})
 _INITIATOR = re.compile(
@@ -217,6 +221,7 @@ class SiteSettings:
     peers: Mapping[str, PeerSettings] = field(default_factory=dict)
     log_level: str = "info"
     export: ExportSettings | None = None  # None: no [export] section, no LIO, no data path
+    metrics_listen: str | None = None  # None: no [metrics] section, no endpoint
     source: Path | None = None  # the file these settings came from
 
     @property
@@ -517,6 +522,11 @@ def parse(
     export = None
     if "export" in data:
         export = _parse_export(reader, reader.section("export"))
+    metrics = None
+    if "metrics" in data:
+        table = reader.section("metrics")
+        reader.check_keys("metrics", table, _SECTIONS["metrics"])
+        metrics = reader.address(table, "metrics", "listen", required=True, port_zero=True)
 
     return SiteSettings(
         name=name,
@@ -530,6 +540,7 @@ def parse(
         peers=peers,
         log_level=log_level.lower(),
         export=export,
+        metrics_listen=metrics,
     )
 
 

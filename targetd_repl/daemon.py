@@ -52,6 +52,7 @@ from targetd_repl.config import (
     parse_address,
 )
 from targetd_repl.errors import TargetdReplError
+from targetd_repl.metrics import MetricsServer
 from targetd_repl.replication.channel import TlsFiles, server_credentials, server_options
 from targetd_repl.replication.manager import PeerSite, ReplicationManager
 from targetd_repl.replication.settings import ReplicationSettings
@@ -223,6 +224,7 @@ class Controller:
         self._drain = drain_seconds
         self._stack = contextlib.ExitStack()
         self.endpoints: Endpoints | None = None
+        self._metrics_address = ""  # "host:port" of GET /metrics, once serving ([metrics])
 
     def start(self) -> Endpoints:
         try:
@@ -278,6 +280,7 @@ class Controller:
         port = _bind(replication, s.replication_listen, server_credentials(tls))
         replication_address = format_address(host, port)
         lane_address = ""
+        metrics_address = ""
         if s.replication.bulk_lane:
             try:
                 lane_address = format_address(
@@ -317,6 +320,14 @@ class Controller:
             export=export,
         )
         control_services = control_servicer.add_to_server(service, control)
+        if s.metrics_listen:
+            metrics_host, metrics_port = parse_address(s.metrics_listen, allow_port_zero=True)
+            try:
+                metrics = MetricsServer(service, metrics_host, metrics_port)
+            except OSError as error:
+                raise StartupError(f"cannot serve metrics on {s.metrics_listen}: {error}") from None
+            self._stack.callback(metrics.stop)
+            metrics_address = format_address(metrics_host, metrics.port)
         control_health = _health(control, control_services)
 
         replication.start()
@@ -330,6 +341,7 @@ class Controller:
 
         _set_serving(repl_health, repl_services)
         _set_serving(control_health, control_services)
+        self._metrics_address = metrics_address
         self._write_endpoints(endpoints)
         self._stack.callback(s.endpoints_file.unlink, missing_ok=True)
         self.endpoints = endpoints
@@ -367,6 +379,7 @@ class Controller:
             "control_socket": endpoints.control_socket,
             "control_address": endpoints.control_address,
             "bulk_lane": endpoints.bulk_lane_address,
+            "metrics": self._metrics_address,
             "started_at": time.time(),
         }
         atomic_write(

@@ -139,6 +139,17 @@ class GroupView:
 
 
 @dataclass(frozen=True, slots=True)
+class JournalView:
+    """One group's journal: how far it got and how full it is."""
+
+    group: str
+    role: Role
+    last_seq: int  # durable records so far (a counter: its rate is the group's writes/s)
+    used_bytes: int
+    limit_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotView:
     volume: str
     name: str
@@ -301,6 +312,25 @@ class ControlService:
             for g in self._engine.list_groups()
         ]
         return sorted(views, key=lambda g: g.name)
+
+    def journals(self) -> list[JournalView]:
+        """Every group's journal figures (for metrics)."""
+        views = []
+        for info in self._engine.list_groups():
+            try:
+                journal = self._engine.group(info.name).journal
+            except (NotFound, KeyError):
+                continue  # deleted since it was listed
+            views.append(
+                JournalView(
+                    info.name,
+                    info.role,
+                    journal.durable_seq,
+                    journal.used_bytes,
+                    journal.size_limit,
+                )
+            )
+        return sorted(views, key=lambda v: v.group)
 
     # --- pairs ---------------------------------------------------------------------------------
 

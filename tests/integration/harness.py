@@ -73,6 +73,7 @@ class Site:
         control_tcp: bool = False,
         replication_options: dict[str, str | int | float] | None = None,
         extra_env: dict[str, str] | None = None,
+        metrics: bool = False,
     ) -> None:
         self.name = name
         self.root = root
@@ -88,6 +89,7 @@ class Site:
         self.control_tcp = "127.0.0.1:0" if control_tcp else ""
         self.replication_options = dict(replication_options or {})
         self.extra_env = extra_env or {}
+        self.metrics = metrics  # serve GET /metrics on a port the OS chooses
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoints: dict[str, Any] = {}
         root.mkdir(parents=True, exist_ok=True)
@@ -121,6 +123,8 @@ class Site:
         ]
         for peer, address in sorted(self.peers.items()):
             lines += ["", f"[peers.{peer}]", f'address = "{address}"']
+        if self.metrics:
+            lines += ["", "[metrics]", 'listen = "127.0.0.1:0"']
         return "\n".join(lines) + "\n"
 
     def write_config(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ def digest(site: Site, volume: str, size: int) -> str:
 
 
 def test_async_pair_created_through_the_cli_converges(cluster: MakeCluster) -> None:
-    c = cluster("a", "b")
+    c = cluster("a", "b", metrics=True)
     a, b = c["a"], c["b"]
     a.cli_json("group", "create", "db")
     a.cli_json("volume", "create", "v1", "--size", "4M", "--group", "db")
@@ -75,6 +76,15 @@ def test_async_pair_created_through_the_cli_converges(cluster: MakeCluster) -> N
     # The journal went over b's bulk lane (mutual TLS), announced in its endpoints file.
     assert b.endpoints["bulk_lane"].startswith("127.0.0.1:")
     assert "shipping over the bulk lane" in a.log_text()
+    # Prometheus: both sites report the pair, in sync, and the group's journal.
+    for site, role in ((a, "primary"), (b, "secondary")):
+        url = f"http://{site.endpoints['metrics']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        who = f'group="db",peer="{"b" if site is a else "a"}",role="{role}"'
+        assert f'targetd_repl_pair_state{{{who},state="paired"}} 1' in text, text
+        assert f"targetd_repl_pair_lag_records{{{who}}} 0" in text, text
+        assert f'targetd_repl_journal_records_total{{group="db",role="{role}"}}' in text
 
     # What the secondary shows through the CLI.
     groups = {g["name"]: g for g in b.cli_json("group", "list")}

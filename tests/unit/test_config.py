@@ -339,3 +339,13 @@ def test_bad_export_is_one_line_naming_the_key(section: str, pattern: str) -> No
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("config site.toml: ")
+
+
+def test_metrics_endpoint() -> None:
+    assert parse_text(GOOD).metrics_listen is None
+    s = parse_text(GOOD + '\n[metrics]\nlisten = "127.0.0.1:9477"\n')
+    assert s.metrics_listen == "127.0.0.1:9477"
+    with pytest.raises(ConfigError, match=r"metrics\.listen: missing \(required\)"):
+        parse_text(GOOD + "\n[metrics]\n")
+    with pytest.raises(ConfigError, match=r"metrics\.port: unknown key"):
+        parse_text(GOOD + '\n[metrics]\nlisten = "127.0.0.1:0"\nport = 1\n')
