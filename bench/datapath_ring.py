@@ -11,7 +11,8 @@ ring, SCSI or threads, in the same run. Prints JSON.
 `--engine` adds the storage engine's write path (journal + volume, in a temporary directory on
 /dev/shm when it exists, so a sync costs what it costs on the lab's tmpfs): 4 KiB and 1 MiB
 WRITEs with the runner's write batching (one journal group commit per ring poll) and without it
-(one append and fdatasync per command), inline and with workers: `engine_<case>_cmds_per_s`.
+(one append and fdatasync per command), inline and with workers: `engine_<case>_cmds_per_s`;
+and 4 KiB READs through the engine (answered on the loop thread): `engine_read4k_cmds_per_s`.
 """
 
 from __future__ import annotations
@@ -106,36 +107,41 @@ def _baseline(size: int, write: bool, depth: int, rounds: int) -> float:
     return rounds * depth / (time.perf_counter() - t0)
 
 
-def _engine_cases(quick: bool) -> dict[str, Any]:
-    """WRITEs through the storage engine, with and without write batching."""
-    out: dict[str, Any] = {}
+def _engine_rate(
+    size: int, write: bool, depth: int, rounds: int, workers: int, batch: bool, repeats: int
+) -> float:
+    """The best of `repeats` runs of one case through a fresh engine on /dev/shm."""
     shm = Path("/dev/shm")
+    best = 0.0
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
+            engine = StorageEngine.open(
+                Path(tmp),
+                site="bench",
+                settings=GroupSettings(journal_size_limit=512 << 20, journal_segment_size=64 << 20),
+            )
+            try:
+                engine.create_group("g", Role.PRIMARY)
+                engine.create_volume("v", VOLUME, group="g")
+                backend = EngineBackend(engine, "v")
+                rate = _ring_case(size, write, depth, rounds, workers, backend, batch_writes=batch)
+            finally:
+                engine.close()
+        best = max(best, rate)
+    return best
+
+
+def _engine_cases(quick: bool) -> dict[str, Any]:
+    """WRITEs through the storage engine, with and without write batching; 4 KiB READs."""
+    out: dict[str, Any] = {}
     repeats = 1 if quick else 3
     for name, size, depth, rounds in (("write4k", 4096, 32, 40), ("write1m", 1 << 20, 8, 6)):
         for workers in (0, 4):
             for batch in (False, True):
-                best = 0.0
-                for _ in range(repeats):
-                    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
-                        engine = StorageEngine.open(
-                            Path(tmp),
-                            site="bench",
-                            settings=GroupSettings(
-                                journal_size_limit=512 << 20, journal_segment_size=64 << 20
-                            ),
-                        )
-                        try:
-                            engine.create_group("g", Role.PRIMARY)
-                            engine.create_volume("v", VOLUME, group="g")
-                            backend = EngineBackend(engine, "v")
-                            rate = _ring_case(
-                                size, True, depth, rounds, workers, backend, batch_writes=batch
-                            )
-                        finally:
-                            engine.close()
-                    best = max(best, rate)
+                rate = _engine_rate(size, True, depth, rounds, workers, batch, repeats)
                 label = f"engine_{name}_{'pool' if workers else 'inline'}"
-                out[f"{label}_{'batched' if batch else 'unbatched'}_cmds_per_s"] = round(best)
+                out[f"{label}_{'batched' if batch else 'unbatched'}_cmds_per_s"] = round(rate)
+    out["engine_read4k_cmds_per_s"] = round(_engine_rate(4096, False, 32, 100, 4, True, repeats))
     return out
 
 

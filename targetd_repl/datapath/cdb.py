@@ -42,9 +42,28 @@ VERIFY_12: Final = 0xAF
 
 SAI_READ_CAPACITY_16: Final = 0x10
 
+# READ (6/10/12/16): the runner answers them on its loop thread (inline reads).
+READ_OPCODES: Final = frozenset({READ_6, READ_10, READ_12, READ_16})
+# Plain WRITE (6/10/12/16): what the runner hands to the backend as one batch (execute_writes).
+BATCH_WRITE_OPCODES: Final = frozenset({WRITE_6, WRITE_10, WRITE_12, WRITE_16})
+
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
+
+# (flags byte 1, LBA, TRANSFER LENGTH) of the 10/12/16-byte READ and WRITE CDBs in one unpack:
+# the data path's per-command decode (lba_and_length says the same, field by field).
+_RW10 = struct.Struct(">xBIxH")
+_RW12 = struct.Struct(">xBII")
+_RW16 = struct.Struct(">xBQI")
+RW_FIELDS: Final[dict[int, struct.Struct]] = {
+    READ_10: _RW10,
+    WRITE_10: _RW10,
+    READ_12: _RW12,
+    WRITE_12: _RW12,
+    READ_16: _RW16,
+    WRITE_16: _RW16,
+}
 
 
 def cdb_length(opcode: int) -> int:

@@ -32,14 +32,12 @@ import logging
 import queue
 import threading
 
-from targetd_repl.datapath import cdb as op
+from targetd_repl.datapath.cdb import BATCH_WRITE_OPCODES, READ_OPCODES
 from targetd_repl.datapath.ring import Command, Ring, RingError
-from targetd_repl.datapath.scsi import BATCH_WRITE_OPCODES, ScsiDevice, needs_worker
+from targetd_repl.datapath.scsi import BACKEND_OPCODES, ScsiDevice
 from targetd_repl.datapath.uio import DeviceGone, Doorbell
 
 log = logging.getLogger(__name__)
-
-READ_OPCODES = frozenset({op.READ_6, op.READ_10, op.READ_12, op.READ_16})
 
 
 class Runner:
@@ -80,11 +78,16 @@ class Runner:
         # only matters to wait_idle().
         self._counts = threading.Lock()
         self._idle = threading.Condition(self._counts)
-        # With inline_reads, READs run on the loop thread too (see the module docstring).
-        self._inline_reads = inline_reads
+        self._idle_waiters = 0  # threads in wait_idle(): only they need a notify
         # With batch_writes (and a backend that batches), the plain WRITEs of one poll go to
         # the backend together: one journal append and one fdatasync for all of them.
         self._batch_writes = batch_writes and device.batches_writes
+        # How step() sorts a command, by opcode: to the writer as part of the poll's batch, to
+        # the worker pool, or (every other opcode) answered on the loop thread; with
+        # inline_reads, READs too (see the module docstring).
+        self._batch_opcodes = BATCH_WRITE_OPCODES if self._batch_writes else frozenset()
+        worker_opcodes = BACKEND_OPCODES - self._batch_opcodes if workers else frozenset()
+        self._worker_opcodes = worker_opcodes - READ_OPCODES if inline_reads else worker_opcodes
         self._kick_lock = threading.Lock()
         self._kicking = False
         self._kick_again = False
@@ -135,7 +138,11 @@ class Runner:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no dispatched command is still running."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     @property
     def alive(self) -> bool:
@@ -145,9 +152,12 @@ class Runner:
 
     def _loop(self) -> None:
         log.info("%s: serving (cmd_tail=%d cmd_head=%d)", self.name, self.ring.tail, self.ring.head)
+        step = self.step
+        stopping = self._stop.is_set
         try:
-            while not self._stop.is_set():
-                if not self.step():
+            while not stopping():
+                # Drain what the kernel queued meanwhile, then sleep until it signals again.
+                if not step():
                     self.doorbell.wait(self.idle_timeout)
         except (RingError, DeviceGone) as exc:
             self.failed = exc
@@ -161,20 +171,15 @@ class Runner:
         commands, moved = self.ring.poll()
         if commands:
             self.dispatched += len(commands)
-            execute = self.device.execute
-            inline_reads = self._inline_reads
-            batch_writes = self._batch_writes
+            batch_opcodes = self._batch_opcodes
+            worker_opcodes = self._worker_opcodes
             writes: list[Command] = []
             inline: list[Command] = []
             for cmd in commands:
                 opcode = cmd.cdb[0]
-                if batch_writes and opcode in BATCH_WRITE_OPCODES:
+                if opcode in batch_opcodes:
                     writes.append(cmd)  # all of this poll's WRITEs: one journal commit, below
-                elif (
-                    self.workers
-                    and needs_worker(opcode)
-                    and not (inline_reads and opcode in READ_OPCODES)
-                ):
+                elif opcode in worker_opcodes:
                     with self._counts:
                         self._inflight += 1
                     self._queue.put(cmd)
@@ -188,7 +193,7 @@ class Runner:
                 self._writes.put(writes)
             if inline:
                 # Answered on this thread; published together, with one kick below.
-                answered = [(cmd, *execute(cmd.cdb, cmd.iovecs)) for cmd in inline]
+                answered = self.device.execute_all(inline)
                 try:
                     moved = self.ring.complete_many(answered) or moved
                 except Exception:
@@ -211,6 +216,8 @@ class Runner:
             log.exception("%s: a batch of %d writes failed", self.name, len(writes))
             return False
         try:
+            # Ordering point: execute_writes returned, so each record is durable (fdatasync
+            # returned) and applied; only now are the completions published.
             return self.ring.complete_many(
                 [
                     (cmd, result.status, result.sense, result.data_in)
@@ -242,16 +249,16 @@ class Runner:
         while the previous one was being written joins the next one, so a loop that polls
         often still feeds the journal big group commits, at one thread hand-off per commit."""
         stop = False
+        writes = self._writes
         while not stop:
-            first = self._writes.get()
+            first = writes.get()
             if first is None:
                 return
             batch = list(first)
-            while True:  # merge what queued meanwhile, keeping queue order (ring order)
-                try:
-                    more = self._writes.get_nowait()
-                except queue.Empty:
-                    break
+            # Merge what queued meanwhile, keeping queue order (ring order). This thread is the
+            # only consumer: a queue that is not empty has an item for get_nowait.
+            while not writes.empty():
+                more = writes.get_nowait()
                 if more is None:
                     stop = True  # finish what was queued before the stop, then leave
                     break
@@ -266,7 +273,7 @@ class Runner:
         with self._counts:
             self._inflight -= count
             self.completed += count
-            if self._inflight == 0:
+            if self._inflight == 0 and self._idle_waiters:
                 self._idle.notify_all()
 
     def _kick_coalesced(self) -> None:
@@ -278,17 +285,14 @@ class Runner:
                 return
             self._kicking = True
         while True:
-            self._kick()
+            try:
+                self.doorbell.kick()
+            except DeviceGone as exc:
+                self.failed = exc
+                self._stop.set()
+                log.error("%s: kick failed: %s", self.name, exc)
             with self._kick_lock:
                 if not self._kick_again:
                     self._kicking = False
                     return
                 self._kick_again = False
-
-    def _kick(self) -> None:
-        try:
-            self.doorbell.kick()
-        except DeviceGone as exc:
-            self.failed = exc
-            self._stop.set()
-            log.error("%s: kick failed: %s", self.name, exc)

@@ -18,12 +18,20 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 from targetd_repl.datapath import cdb as op
 from targetd_repl.datapath import pages
 from targetd_repl.datapath.backend import Backend, SupportsCompareAndWrite, SupportsWriteBatch
-from targetd_repl.datapath.cdb import Buffer, be16, be32, be64, lba_and_length
+from targetd_repl.datapath.cdb import (
+    BATCH_WRITE_OPCODES,
+    RW_FIELDS,
+    Buffer,
+    be16,
+    be32,
+    be64,
+    lba_and_length,
+)
 from targetd_repl.datapath.pages import ScsiConfig
 from targetd_repl.datapath.rangelock import RangeLock
 from targetd_repl.datapath.sense import (
@@ -106,17 +114,23 @@ _WRITE_OPCODES = frozenset(
     }
 )
 
-# Plain WRITEs: what `execute_writes` hands to the backend as one batch.
-BATCH_WRITE_OPCODES = frozenset({op.WRITE_6, op.WRITE_10, op.WRITE_12, op.WRITE_16})
-
 _CHUNK = 1 << 20  # bounce and pattern buffers
 
 
-def needs_worker(opcode: int) -> bool:
-    return opcode in BACKEND_OPCODES
-
-
 Handler = Callable[[Buffer, Sequence[memoryview]], Result]
+
+
+class Request(Protocol):
+    """What `execute_all` needs of a command: its CDB and data buffers (a ring.Command)."""
+
+    @property
+    def cdb(self) -> Buffer: ...
+
+    @property
+    def iovecs(self) -> Sequence[memoryview]: ...
+
+
+R = TypeVar("R", bound=Request)
 
 
 class ScsiDevice:
@@ -128,6 +142,12 @@ class ScsiDevice:
         self.config = config or ScsiConfig()
         self.block_size = backend.block_size
         self.locks = RangeLock()
+        # The LUN's size as last read from the backend: READ and WRITE check their range
+        # against it and read the backend's size again only when a command reaches past it (a
+        # grown LUN). A shrink the cache misses is still refused: the backend checks every
+        # range itself (OutOfRange, the same LBA OUT OF RANGE sense). Other commands read the
+        # size afresh (`_check_range`).
+        self._known_blocks = 0
         self._zero_block = bytes(self.block_size)
         self._atomic_caw: SupportsCompareAndWrite | None = (
             backend if isinstance(backend, SupportsCompareAndWrite) else None
@@ -182,6 +202,25 @@ class ScsiDevice:
         except Exception as exc:
             return self._error_result(opcode, exc)
 
+    def execute_all(self, requests: Sequence[R]) -> list[tuple[R, int, bytes, int | None]]:
+        """`execute` for each of `requests` (the commands a ring poll answers inline), as
+        (request, status, sense, data-in length): what Ring.complete_many takes, without a
+        call and a Result per command in between. Never raises."""
+        handlers = self._handlers
+        answered: list[tuple[R, int, bytes, int | None]] = []
+        for request in requests:
+            cdb = request.cdb
+            opcode = cdb[0] if len(cdb) else -1
+            try:
+                handler = handlers.get(opcode)
+                if handler is None:
+                    raise illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, field=0)
+                status, sense, data_in = handler(cdb, request.iovecs)
+            except Exception as exc:
+                status, sense, data_in = self._error_result(opcode, exc)
+            answered.append((request, status, sense, data_in))
+        return answered
+
     @staticmethod
     def _error_result(opcode: int, exc: BaseException) -> Result:
         """The status and sense for a command that raised `exc`."""
@@ -230,13 +269,16 @@ class ScsiDevice:
         results: list[Result] = [RESULT_GOOD] * len(commands)
         todo: list[tuple[int, int, Sequence[memoryview]]] = []  # (index, lba, buffers)
         fua = False
+        # Once for the batch: the backend checks the role again inside its write slot.
+        writable = self.backend.writable
+        check_write = self._check_write
         for i, (cdb, buffers) in enumerate(commands):
             opcode = cdb[0] if len(cdb) else -1
             try:
                 if opcode not in BATCH_WRITE_OPCODES:
                     results[i] = self.execute(cdb, buffers)
                     continue
-                lba = self._check_write(cdb, buffers)
+                lba = check_write(cdb, buffers, writable)
             except Exception as exc:
                 results[i] = self._error_result(opcode, exc)
                 continue
@@ -274,6 +316,32 @@ class ScsiDevice:
     def _check_protect(cdb: Buffer) -> None:
         if cdb[0] not in (op.READ_6, op.WRITE_6) and cdb[1] & 0xE0:
             raise invalid_cdb(1, 7)  # RDPROTECT/WRPROTECT/VRPROTECT: no protection information
+
+    def _decode_rw(self, cdb: Buffer, writable: bool | None) -> tuple[int, int]:
+        """(LBA, blocks) of a READ, WRITE or WRITE AND VERIFY after the checks each gets before
+        data moves, in this order: protection fields, write protection (`writable` None: a
+        read, not checked), range, transfer limit. Raises the CheckCondition."""
+        opcode = cdb[0]
+        layout = RW_FIELDS.get(opcode)
+        if layout is not None:  # READ/WRITE (10/12/16): the common case, one unpack
+            flags, lba, nblocks = layout.unpack_from(cdb)
+            if flags & 0xE0:
+                raise invalid_cdb(1, 7)  # RDPROTECT/WRPROTECT: no protection information
+        else:
+            self._check_protect(cdb)
+            lba, nblocks = lba_and_length(cdb)
+            if nblocks == 0 and opcode in (op.READ_6, op.WRITE_6):
+                nblocks = 256
+        if writable is not None and not writable:
+            raise write_protected()
+        end = lba + nblocks
+        if end > self._known_blocks:
+            self._known_blocks = self.backend.num_blocks
+            if end > self._known_blocks:
+                raise lba_out_of_range()
+        if nblocks and nblocks * self.block_size > self.config.max_transfer_bytes:
+            raise invalid_cdb(op.length_field_offset(opcode))
+        return lba, nblocks
 
     @staticmethod
     def _data_in(data: bytes, alloc_len: int, buffers: Sequence[memoryview]) -> Result:
@@ -359,21 +427,19 @@ class ScsiDevice:
     # -- block commands ---------------------------------------------------------------------------
 
     def _read(self, cdb: Buffer, buffers: Sequence[memoryview]) -> Result:
-        opcode = cdb[0]
-        self._check_protect(cdb)
-        lba, nblocks = lba_and_length(cdb)
-        if opcode == op.READ_6 and nblocks == 0:
-            nblocks = 256
-        self._check_range(lba, nblocks)
+        lba, nblocks = self._decode_rw(cdb, None)
         if nblocks == 0:
-            return Result(GOOD, data_in=0)
-        self._check_transfer(opcode, nblocks)
+            return Result(GOOD, b"", 0)
         bs = self.block_size
         need = nblocks * bs
-        have = total_length(buffers)
-        if have >= need:
-            self.backend.readinto(lba, buffers if have == need else slice_buffers(buffers, 0, need))
-            return Result(GOOD, data_in=need)
+        have = len(buffers[0]) if len(buffers) == 1 else total_length(buffers)
+        if have == need:  # the usual case: straight into the ring's data area
+            self.backend.readinto(lba, buffers)
+            # Result(GOOD, b"", need) without NamedTuple's __new__ (a Python function).
+            return tuple.__new__(Result, (GOOD, b"", need))
+        if have > need:
+            self.backend.readinto(lba, slice_buffers(buffers, 0, need))
+            return Result(GOOD, b"", need)
         # The initiator's expected length is shorter than the CDB's (overflow): send what fits.
         whole = have // bs
         if whole:
@@ -385,20 +451,17 @@ class ScsiDevice:
             scatter(memoryview(bounce)[:rest], slice_buffers(buffers, whole * bs, rest))
         return Result(GOOD, data_in=have)
 
-    def _check_write(self, cdb: Buffer, buffers: Sequence[memoryview]) -> int | None:
+    def _check_write(
+        self, cdb: Buffer, buffers: Sequence[memoryview], writable: bool | None = None
+    ) -> int | None:
         """The checks of a WRITE / WRITE AND VERIFY before any data moves: raises the
-        CheckCondition, or returns the LBA (None: zero blocks, nothing to write)."""
-        opcode = cdb[0]
-        self._check_protect(cdb)
-        lba, nblocks = lba_and_length(cdb)
-        if opcode == op.WRITE_6 and nblocks == 0:
-            nblocks = 256
-        self._check_writable()
-        self._check_range(lba, nblocks)
+        CheckCondition, or returns the LBA (None: zero blocks, nothing to write). `writable`:
+        the backend's, when the caller read it already (a batch reads it once)."""
+        lba, nblocks = self._decode_rw(cdb, self.backend.writable if writable is None else writable)
         if nblocks == 0:
             return None
-        self._check_transfer(opcode, nblocks)
-        if total_length(buffers) != nblocks * self.block_size:
+        have = len(buffers[0]) if len(buffers) == 1 else total_length(buffers)
+        if have != nblocks * self.block_size:
             raise illegal_request(Asc.INVALID_FIELD_IN_COMMAND_IU)
         return lba
 

@@ -47,7 +47,7 @@ from targetd_repl.model import (
 )
 from targetd_repl.storage.barrier import WriteBarrier
 from targetd_repl.storage.fileutil import fsync_dir
-from targetd_repl.storage.journal import Journal, ShippedEntry
+from targetd_repl.storage.journal import Journal, ShippedEntry, pwritev_all
 from targetd_repl.storage.journal_record import HEADER_SIZE, Record
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.storage.range_lock import RangeLock
@@ -239,56 +239,49 @@ class GroupStore:
         refused by validation leaves no record; the others still go)."""
         results: list[BaseException | None] = [None] * len(writes)
         todo: list[tuple[int, int, int, memoryview]] = []  # (index, lba, offset, view)
-        ov: OpenVolume | None = None
+        try:
+            self._check_usable()
+            ov = self._open_volume(volume_id)
+        except Exception as exc:
+            return [exc] * len(writes)
+        volume = ov.volume
+        check_range = volume.check_range
+        block_size = volume.block_size
+        primary = self._info.role is Role.PRIMARY
         for i, (lba, data) in enumerate(writes):
             view = memoryview(data).cast("B")
+            nbytes = view.nbytes
             try:
-                # Step 1 for every write before anything is journaled.
-                ov, offset = self._check_write(volume_id, lba, view.nbytes)
-                self._before_io(volume_id, offset, view.nbytes, True)
+                # Step 1 for every write before anything is journaled: _check_write's checks,
+                # in its order (a bad range is refused as such on a secondary too).
+                if nbytes % block_size:
+                    volume.blocks_of(lba, nbytes)  # raises Misaligned
+                offset = check_range(lba, nbytes // block_size)
+                if not primary:
+                    self._require_primary(ov)  # raises WriteProtected
+                if self.before_io is not None:
+                    self.before_io(volume_id, offset, nbytes, True)
             except Exception as exc:
                 results[i] = exc
                 continue
             todo.append((i, lba, offset, view))
-        if not todo or ov is None:
+        if not todo:
             return results
         applied: list[tuple[int, int]] = []  # (index, seq) of writes durable and applied
         try:
             # Step 2: the barrier once, and the regions of ALL the batch's writes at once (they
             # may overlap one another), held from before the append until the last apply.
-            with self._barrier.writer(), ov.ranges.hold_spans((t[2], t[3].nbytes) for t in todo):
+            with self._barrier.writer(), ov.ranges.hold_spans([(t[2], t[3].nbytes) for t in todo]):
                 self._require_primary(ov)  # re-checked inside the slot, as in _journal_and_apply
-                # Step 3: one append for all; seqs are contiguous in list (ring) order.
+                # Step 3: one append for all; seqs are contiguous in list (ring) order. It
+                # returns once every record is durable (fdatasync'ed): only then the volume.
                 last = self._journal.append_batch(
                     [(RecordKind.WRITE, ov.info.id, t[1], t[3], t[3].nbytes) for t in todo],
                     epoch=self._info.epoch,
                 )
-                seq = last - len(todo) + 1
                 # Steps 4-6 in seq order, one thread: overlapping writes of the batch reach the
                 # volume in journal order (what the secondary's in-order apply will do).
-                for i, lba, offset, view in todo:
-                    try:
-                        self._apply(ov, RecordKind.WRITE, lba, offset, view, view.nbytes)
-                    except BaseException as error:
-                        # Journaled but not applied: stop the group; the replay at the next
-                        # open applies the rest of the batch (as in _journal_and_apply).
-                        self._failure = error
-                        log.error(
-                            "group %s: volume write failed after journaling: %s", self.name, error
-                        )
-                        raise
-                    self._applied.complete(seq)
-                    applied.append((i, seq))
-                    try:
-                        # A failing hook fails its own write, never the apply of the rest: the
-                        # batch is journaled, so every record of it must reach the volume now.
-                        if self.on_written is not None:
-                            self.on_written(seq, ov.info.id, offset, view.nbytes)
-                        if self.on_changed is not None:
-                            self.on_changed(seq, ov.info.id, offset, view.nbytes)
-                    except Exception as exc:
-                        results[i] = exc
-                    seq += 1
+                self._apply_batch(ov, todo, last - len(todo) + 1, results, applied)
         except JournalFull:
             # Nothing of the batch was appended: one at a time, in order, with write()'s
             # checkpoint-and-retry (and replication's release of its retention).
@@ -313,6 +306,63 @@ class GroupStore:
                 except Exception as exc:
                     results[i] = exc
         return results
+
+    def _apply_batch(
+        self,
+        ov: OpenVolume,
+        todo: list[tuple[int, int, int, memoryview]],
+        seq: int,
+        results: list[BaseException | None],
+        applied: list[tuple[int, int]],
+    ) -> None:
+        """Steps 4-6 of write_batch for its journaled writes `todo` (seqs from `seq`, in list
+        order), inside its write slot: each run of writes that continue one another (each
+        starting where the one before it ends: disjoint, in seq order) reaches the volume as
+        ONE vectored write, after its before-images; runs go in seq order, so overlapping
+        writes land in journal order. Then each write's seq is marked applied and its hooks
+        run. Appends (index, seq) to `applied` per write applied; a hook's error fails only
+        its own write (in `results`)."""
+        volume = ov.volume
+        block_size = volume.block_size
+        count = len(todo)
+        start = 0
+        while start < count:
+            _, first_lba, offset, view = todo[start]
+            end = offset + view.nbytes
+            stop = start + 1
+            while stop < count and todo[stop][2] == end:
+                end += todo[stop][3].nbytes
+                stop += 1
+            run = todo[start:stop]
+            try:
+                # before_write returns once the before-images are durable: the overwrite
+                # follows. The run's range is checked as Volume.write checks a write; its
+                # bytes go with one pwritev straight from the callers' buffers (the ring's
+                # data area). Volume has no vectored write: its fd, used as its methods do.
+                ov.snapshots.before_write(offset, end - offset)
+                volume.check_range(first_lba, (end - offset) // block_size)
+                iov: list[bytes | memoryview] = [view] if stop - start == 1 else [t[3] for t in run]
+                pwritev_all(volume._fileno(), iov, offset, end - offset)
+            except BaseException as error:
+                # Journaled but not applied: stop the group; the replay at the next open
+                # applies the rest of the batch (as in _journal_and_apply).
+                self._failure = error
+                log.error("group %s: volume write failed after journaling: %s", self.name, error)
+                raise
+            for i, _, write_offset, write_view in run:
+                self._applied.complete(seq)
+                applied.append((i, seq))
+                try:
+                    # A failing hook fails its own write, never the apply of the rest: the
+                    # batch is journaled, so every record of it must reach the volume now.
+                    if self.on_written is not None:
+                        self.on_written(seq, ov.info.id, write_offset, write_view.nbytes)
+                    if self.on_changed is not None:
+                        self.on_changed(seq, ov.info.id, write_offset, write_view.nbytes)
+                except Exception as exc:
+                    results[i] = exc
+                seq += 1
+            start = stop
 
     def write_zeros(self, volume_id: int, lba: int, nblocks: int) -> int:
         """Make blocks read as zeros (UNMAP, WRITE SAME of zeros); journaled without data."""
@@ -665,8 +715,18 @@ class GroupStore:
         return volume.read(lba, nblocks)
 
     def readinto(self, volume_id: int, lba: int, buf: bytearray | memoryview) -> None:
-        self._check_usable()
-        volume = self._open_volume(volume_id).volume
+        if self._failure is not None:
+            self._check_usable()
+        ov = self._volumes.get(volume_id)
+        volume = ov.volume if ov is not None else self._open_volume(volume_id).volume
+        nbytes = buf.nbytes if type(buf) is memoryview else -1
+        if self.before_io is None and nbytes > 0 and not nbytes % volume.block_size:
+            # The data path's read (one view into the ring's data area), kept short: the range
+            # checked as Volume.readinto checks it, one preadv straight into the view. A short
+            # read (the file shrank) goes the long way, which says why.
+            offset = volume.check_range(lba, nbytes // volume.block_size)
+            if os.preadv(volume._fileno(), [buf], offset) == nbytes:
+                return
         if self.before_io is not None:
             view = memoryview(buf).cast("B")
             nblocks = view.nbytes // volume.block_size

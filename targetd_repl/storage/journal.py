@@ -231,6 +231,7 @@ class Journal:
         self._syncing = False  # a thread holds the syncer role (gathering, syncing, rolling)
         self._gathering = False
         self._sync_group = 1  # records the last fdatasync covered: what _gather() waits for
+        self._sync_woke = 0  # appenders the last fdatasync woke (besides the syncer itself)
         self._group_commit_wait = group_commit_wait
         self._roll_waiting = False
         self._roll_requested = False
@@ -629,7 +630,7 @@ class Journal:
                 raise SequenceGap(
                     f"journal {self._path}: got record seq {first}, expected {self._next_seq}"
                 )
-            size = sum(HEADER_SIZE + len(fields[6]) for fields in entries)
+            size = HEADER_SIZE * len(entries) + sum([len(fields[6]) for fields in entries])
             if self._used + size > self._size_limit:
                 raise JournalFull(
                     f"journal {self._path}: {size} more bytes would pass the size limit "
@@ -639,7 +640,7 @@ class Journal:
             self._used += size
             batch = self._open_batch
             was_empty = not batch.entries
-            batch.entries.extend((first + i, fields) for i, fields in enumerate(entries))
+            batch.entries.extend(zip(range(first, last + 1), entries, strict=True))
             batch.last_seq = last
             waiter: LockType | None
             if self._writer_busy:
@@ -897,6 +898,7 @@ class Journal:
                 self._fsyncs += 1
                 self._sync_group = target - self._durable_seq
                 wake = self._complete(target)
+                self._sync_woke = len(wake)
             # Wake appenders only after fdatasync returned: an ack promises durability.
             for waiter in wake:
                 waiter.release()
@@ -905,7 +907,7 @@ class Journal:
         """The seq the next fdatasync will make durable, or None if there is no reason to sync
         (lock held; on a target the caller holds an I/O slot until the sync is done)."""
         pending = self._written_seq - self._durable_seq
-        if 0 < pending < self._sync_group:
+        if 0 < pending < self._sync_group and self._sync_woke:
             self._gather()
         if (
             self._failure is not None
@@ -921,7 +923,9 @@ class Journal:
         while they keep coming: at most group_commit_wait, and no longer than a quarter of it
         without a new write. Under a steady load this turns two half-size fsyncs into one (the
         appenders the last sync woke are on their way back); at queue depth 1 the last group
-        was one record, so there is no wait at all."""
+        was one record, so there is no wait at all. Nor is there when the last sync woke nobody
+        but the syncer: one appender of whole batches (the data path's writer thread) has
+        nobody on the way back, and would only wait out the timeout."""
         now = time.monotonic()
         deadline = now + self._group_commit_wait
         idle = self._group_commit_wait / 4

@@ -733,3 +733,76 @@ def test_backend_errors_map_to_sense(
 def test_memory_backend_satisfies_the_protocol() -> None:
     assert isinstance(MemoryBackend("v", 4096), Backend)
     assert isinstance(Spy(MemoryBackend("v", 4096)), Backend)
+
+
+# --- the per-command fast paths ---------------------------------------------------------------
+
+
+def test_the_lun_size_is_read_again_when_a_command_reaches_past_it() -> None:
+    """READ and WRITE check their range against the size last read from the backend, and read
+    it again only when a command reaches past it: a grown LUN is seen on the next command."""
+    inner = MemoryBackend("grows", 2 * BLOCKS * BS, block_size=BS)
+    inner.num_blocks = BLOCKS
+    dev = ScsiDevice(inner)
+    good(run(dev, cdb_rw(READ_16, BLOCKS - 1, 1), data_in=BS)[0])
+    check(run(dev, cdb_rw(READ_16, BLOCKS, 1), data_in=BS)[0], 5, Asc.LBA_OUT_OF_RANGE)
+    inner.num_blocks = 2 * BLOCKS  # grown
+    good(run(dev, cdb_rw(WRITE_10, 2 * BLOCKS - 2, 2), data_out=pattern(2))[0])
+    result, data = run(dev, cdb_rw(READ_10, 2 * BLOCKS - 2, 2), data_in=2 * BS)
+    good(result)
+    assert data == pattern(2)
+    check(run(dev, cdb_rw(READ_10, 2 * BLOCKS - 1, 2), data_in=2 * BS)[0], 5, 0x2100)
+
+
+def test_a_shrunk_lun_is_refused_by_the_backend_with_the_same_sense(spy: Spy) -> None:
+    """A shrink the cached size misses: the backend checks every range itself (OutOfRange),
+    which becomes the LBA OUT OF RANGE the SCSI layer's own check would have given."""
+    dev = ScsiDevice(spy)
+    good(run(dev, cdb_rw(READ_16, BLOCKS - 1, 1), data_in=BS)[0])  # caches BLOCKS
+    spy.inner.num_blocks = BLOCKS // 2
+    for cdb, kw in (
+        (cdb_rw(READ_16, BLOCKS - 1, 1), {"data_in": BS}),
+        (cdb_rw(WRITE_10, BLOCKS - 1, 1), {"data_out": pattern(1)}),
+    ):
+        check(run(dev, cdb, **kw)[0], 5, Asc.LBA_OUT_OF_RANGE)  # type: ignore[arg-type]
+    # every other command reads the size afresh
+    check(run(dev, cdb_rw(VERIFY_16, BLOCKS - 1, 1))[0], 5, Asc.LBA_OUT_OF_RANGE)
+    check(run(dev, cdb_rw(SYNC_10, BLOCKS - 1, 1))[0], 5, Asc.LBA_OUT_OF_RANGE)
+
+
+class _Cmd:
+    def __init__(self, cdb: bytes, buf: bytearray) -> None:
+        self.cdb = memoryview(cdb)
+        self.iovecs = _split(buf) if buf else []
+
+
+def test_execute_all_answers_each_command_as_execute_does(spy: Spy) -> None:
+    """What the runner answers inline in one pass: each command gets execute's outcome (data,
+    status, sense, data-in length), errors included, in order."""
+    spy.inner.image[: 8 * BS] = pattern(8, 5)
+    cases: list[tuple[bytes, int, bytes | None]] = [  # (cdb, data-in length, data-out)
+        (cdb_rw(READ_10, 0, 4), 4 * BS, None),
+        (cdb_inquiry(96), 96, None),
+        (cdb_rw(READ_16, BLOCKS, 1), BS, None),  # LBA OUT OF RANGE
+        (bytes([0xC0, 0, 0, 0, 0, 0]), 0, None),  # INVALID COMMAND OPERATION CODE
+        (cdb_rw(READ_10, 2, 2), 8 * BS, None),  # a larger buffer: the shorter length
+        (cdb_rw(READ_6, 1, 1, flags=0), BS // 2, None),  # a smaller one: what fits
+        (cdb_rw(READ_10, 0, 1, flags=0x20), BS, None),  # RDPROTECT
+        (cdb_rw(WRITE_16, 9, 1), 0, pattern(1, 9)),
+    ]
+    one_by_one = ScsiDevice(Spy(MemoryBackend("twin", BLOCKS * BS, block_size=BS)))
+    assert isinstance(one_by_one.backend, Spy)
+    one_by_one.backend.inner.image[: 8 * BS] = pattern(8, 5)
+    commands = [
+        _Cmd(cdb, bytearray(out) if out is not None else bytearray(b"\xa5" * n))
+        for cdb, n, out in cases
+    ]
+    answered = ScsiDevice(spy).execute_all(commands)
+    assert [a[0] for a in answered] == commands
+    for (cmd, status, sense, data_in), (cdb, n, out) in zip(answered, cases, strict=True):
+        buf = bytearray(out) if out is not None else bytearray(b"\xa5" * n)
+        expected = one_by_one.execute(cdb, _split(buf) if buf else [])
+        assert (status, sense, data_in) == tuple(expected)
+        got = b"".join(bytes(v) for v in cmd.iovecs)
+        assert got == bytes(buf)  # the same bytes landed in the buffers
+    assert bytes(spy.inner.image) == bytes(one_by_one.backend.inner.image)

@@ -5,6 +5,7 @@ hands a poll's WRITEs to it as one batch."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -25,8 +26,15 @@ from targetd_repl.datapath.memory_backend import MemoryBackend
 from targetd_repl.datapath.ring import Ring
 from targetd_repl.datapath.runner import Runner
 from targetd_repl.datapath.scsi import ScsiDevice
-from targetd_repl.errors import JournalFull, OutOfRange, WriteProtected
+from targetd_repl.errors import (
+    JournalFull,
+    Misaligned,
+    OutOfRange,
+    StorageError,
+    WriteProtected,
+)
 from targetd_repl.model import RecordKind, Role
+from targetd_repl.storage import group_store as group_store_module
 from targetd_repl.storage.engine import StorageEngine
 from targetd_repl.storage.group_store import GroupSettings, GroupStore
 from targetd_repl.storage.journal import Journal
@@ -83,15 +91,24 @@ def test_refused_writes_leave_no_record_the_others_go(tmp_path: Path) -> None:
     store, vid = engine.group_of("v1")
     first = store.journal.next_seq
     results = store.write_batch(
-        vid, [(0, b"a" * BS), (BLOCKS, b"b" * BS), (1, b"c" * BS), (BLOCKS - 1, b"d" * 2 * BS)]
+        vid,
+        [
+            (0, b"a" * BS),
+            (BLOCKS, b"b" * BS),
+            (1, b"c" * BS),
+            (BLOCKS - 1, b"d" * 2 * BS),
+            (2, b"e" * 100),  # not whole blocks
+        ],
     )
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], OutOfRange) and isinstance(results[3], OutOfRange)
+    assert isinstance(results[4], Misaligned)
     assert [(r.seq, r.lba) for r in store.journal.read_from(first)] == [(first, 0), (first + 1, 1)]
     assert engine.read("v1", 0, 2) == b"a" * BS + b"c" * BS
     store.set_role(Role.SECONDARY)
-    refused = store.write_batch(vid, [(0, b"x" * BS), (5, b"y" * BS)])
-    assert all(isinstance(r, WriteProtected) for r in refused)
+    refused = store.write_batch(vid, [(0, b"x" * BS), (5, b"y" * BS), (BLOCKS, b"z" * BS)])
+    assert all(isinstance(r, WriteProtected) for r in refused[:2])
+    assert isinstance(refused[2], OutOfRange)  # a bad range is that on a secondary too
     assert store.journal.next_seq == first + 2  # nothing journaled
     engine.close()
 
@@ -162,8 +179,15 @@ CHILD = textwrap.dedent(
     store, vid = engine.group_of("v1")
     print("ready", flush=True)
     rng = random.Random(int(sys.argv[2]))
+    runs = sys.argv[3] == "runs"
     while True:
-        writes = [(rng.randrange(0, 512), rng.randbytes(4096)) for _ in range(rng.randrange(1, 33))]
+        count = rng.randrange(1, 33)
+        if runs:  # runs of writes that continue one another (one vectored write each), and
+            # overlapping ones between them
+            start = rng.randrange(0, 256)
+            writes = [(start + 8 * (i % 9), rng.randbytes(4096)) for i in range(count)]
+        else:
+            writes = [(rng.randrange(0, 512), rng.randbytes(4096)) for _ in range(count)]
         first = store.journal.next_seq
         assert store.write_batch(vid, writes) == [None] * len(writes)
         for i, (lba, data) in enumerate(writes):  # acknowledged: the batch call returned
@@ -172,10 +196,10 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_kill9_loses_no_acknowledged_batched_write(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "shape"), [(1, "random"), (2, "random"), (3, "runs")])
+def test_kill9_loses_no_acknowledged_batched_write(tmp_path: Path, seed: int, shape: str) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path), str(seed)],
+        [sys.executable, "-c", CHILD, str(tmp_path), str(seed), shape],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -323,4 +347,101 @@ def test_execute_writes_gives_each_command_its_own_outcome(tmp_path: Path) -> No
     store.set_role(Role.SECONDARY)
     refused = lun.execute_writes([(cdb_rw(WRITE_10, 0, 1), [memoryview(a)])])
     assert (refused[0].sense[2] & 0x0F, refused[0].sense[12]) == (0x07, 0x27)  # WRITE PROTECTED
+    engine.close()
+
+
+# --- the apply: runs of contiguous writes, one vectored write each ------------------------------
+
+
+def _spy_vectored_writes(
+    monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None
+) -> list[tuple[int, int, int]]:
+    """Record each vectored volume write of the apply as (offset, bytes, buffers); the
+    `fail_at`-th (0-based) fails with EIO instead."""
+    calls: list[tuple[int, int, int]] = []
+    real = group_store_module.pwritev_all
+
+    def spy(fd: int, iov: list[bytes | memoryview], offset: int, nbytes: int) -> None:
+        if fail_at is not None and len(calls) == fail_at:
+            calls.append((offset, nbytes, -1))
+            raise OSError(errno.EIO, "injected volume write error")
+        calls.append((offset, nbytes, len(iov)))
+        real(fd, iov, offset, nbytes)
+
+    monkeypatch.setattr(group_store_module, "pwritev_all", spy)
+    return calls
+
+
+# (lba, blocks): A B C continue one another, D stands alone, E overlaps A and B and F continues E
+RUNS = [(0, 8), (8, 8), (16, 4), (100, 2), (4, 8), (12, 2)]
+
+
+def test_contiguous_writes_of_a_batch_reach_the_volume_as_one_write_in_seq_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(tmp_path)
+    engine.create_volume("v1", SIZE)
+    store, vid = engine.group_of("v1")
+    writes = [(lba, bytes([i + 1]) * (n * BS)) for i, (lba, n) in enumerate(RUNS)]
+    model = bytearray(SIZE)
+    for lba, payload in writes:
+        model[lba * BS : lba * BS + len(payload)] = payload
+    written: list[tuple[int, int, int]] = []
+    store.on_written = lambda seq, volume_id, offset, length: written.append((seq, offset, length))
+    calls = _spy_vectored_writes(monkeypatch)
+    first = store.journal.next_seq
+    assert store.write_batch(vid, writes) == [None] * len(writes)
+    # three runs: A+B+C, D, E+F (E overlaps A and B: a run of its own, after theirs)
+    assert calls == [(0, 20 * BS, 3), (100 * BS, 2 * BS, 1), (4 * BS, 10 * BS, 2)]
+    assert written == [
+        (first + i, lba * BS, len(payload)) for i, (lba, payload) in enumerate(writes)
+    ]  # every write marked, in seq order
+    assert store.applied_seq == first + len(writes) - 1
+    assert engine.read("v1", 0, BLOCKS) == model == journal_image(store)
+    store.on_written = None
+    engine.close()
+
+
+def test_a_failed_run_stops_the_group_and_the_replay_applies_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(tmp_path / "site")
+    engine.create_volume("v1", SIZE)
+    store, vid = engine.group_of("v1")
+    writes = [(lba, bytes([0x40 + i]) * (n * BS)) for i, (lba, n) in enumerate(RUNS)]
+    model = bytearray(SIZE)
+    for lba, payload in writes:
+        model[lba * BS : lba * BS + len(payload)] = payload
+    calls = _spy_vectored_writes(monkeypatch, fail_at=1)  # the second run: D
+    results = store.write_batch(vid, writes)
+    assert results[:3] == [None, None, None]  # run A+B+C reached the volume: acknowledged
+    assert all(isinstance(r, OSError) for r in results[3:])  # D, E, F: failed, not acked
+    assert len(calls) == 2 and store.applied_seq == store.journal.durable_seq - 3
+    with pytest.raises(StorageError):
+        store.write(vid, 0, b"z" * BS)  # the group stopped: nothing more until a replay
+    monkeypatch.undo()
+    engine.close()  # no checkpoint after a failure: the reopen replays the journal
+    reopened = open_engine(tmp_path / "site")
+    assert reopened.read("v1", 0, BLOCKS) == model  # journaled, so applied by the replay
+    reopened.close()
+
+
+def test_reads_come_straight_from_the_volume_and_a_short_file_is_an_error(
+    tmp_path: Path,
+) -> None:
+    engine = open_engine(tmp_path / "site")
+    engine.create_volume("v1", SIZE)
+    store, vid = engine.group_of("v1")
+    store.write_batch(vid, [(8, b"r" * (4 * BS)), (12, b"s" * BS)])
+    buf = bytearray(6 * BS)
+    store.readinto(vid, 7, memoryview(buf))
+    assert bytes(buf) == bytes(BS) + b"r" * (4 * BS) + b"s" * BS
+    with pytest.raises(OutOfRange):
+        store.readinto(vid, BLOCKS - 1, memoryview(buf))
+    with pytest.raises(Misaligned):
+        store.readinto(vid, 0, memoryview(buf)[:100])
+    store.checkpoint()
+    os.truncate(tmp_path / "site" / "volumes" / "v1.img", 10 * BS)  # behind the store's back
+    with pytest.raises(StorageError, match="truncated outside the controller"):
+        store.readinto(vid, 8, memoryview(buf))
     engine.close()

@@ -438,7 +438,7 @@ def test_writes_longer_than_iov_max_are_split(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         total = sum(len(b) for b in buffers)
-        journal_module._pwritev_all(fd, list(buffers), 10, total)
+        journal_module.pwritev_all(fd, list(buffers), 10, total)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == bytes(10) + b"".join(buffers)

@@ -536,8 +536,8 @@ def _crash_volume(vol: Volume, image: bytes, survivors: set[int]) -> None:
 def test_damaged_store_recovers_or_refuses(
     tmp_path: Path, seed: int, nwrites: int, damage: str, where: float
 ) -> None:
-    root = tmp_path / f"d{seed}-{nwrites}-{damage}-{where}"
-    root.mkdir()
+    # A directory of its own per example: Hypothesis may run the same example twice.
+    root = Path(tempfile.mkdtemp(prefix=f"d{seed}-{nwrites}-{damage}-", dir=tmp_path))
     vol, image, records = _history(root, seed, nwrites)
     path = root / "snaps" / "s.cow"
     raw = bytearray(path.read_bytes())
