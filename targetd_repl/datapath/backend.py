@@ -6,8 +6,10 @@ use `MemoryBackend` or `FileBackend`. The SCSI layer is the only caller.
 
 Contract
 --------
-* `block_size` is fixed for the backend's life; `num_blocks`, `writable` and `identity` are read
-  for every command (a resize or a promotion takes effect on the next command).
+* `block_size` is fixed for the backend's life; `writable` and `identity` are read for every
+  command (a promotion takes effect on the next command). `num_blocks` is cached by the SCSI layer
+  and read again when a command reaches past the cached end, so a grow takes effect at once; after
+  a shrink the backend's own range check (`OutOfRange`) answers for the blocks that went away.
 * `buffers` are memoryviews into the TCMU data area (zero copy): `readinto` fills exactly
   `sum(len(b))` bytes, `write` stores exactly that many; the total is always a positive multiple
   of `block_size`, the individual buffers need not be (use `os.preadv`/`os.pwritev`).

@@ -35,7 +35,10 @@ pages; a single record makes the whole batch one unit that is either valid or a 
 
 Recovery on open: records are scanned and the chunk index rebuilt. An invalid record with no
 valid record after it is a torn tail (an append that never completed, so its chunks were never
-overwritten) and is truncated; an invalid record followed by a valid one raises `SnapshotCorrupt`.
+overwritten) and is truncated; an invalid record followed by a valid one raises `SnapshotCorrupt`,
+and so does an invalid record whose header is intact but is followed by non-zero bytes past its
+declared end: a torn append is always the last thing written, so no data can lie beyond it (zeros
+can: a crash may leave the file longer than what reached the disk).
 Limitation: bit rot inside the very last record looks exactly like a torn append and is dropped.
 """
 
@@ -418,13 +421,13 @@ class Snapshot:
             created_ns=created_ns,
         )
 
-    def _parse(self, buf: mmap.mmap, pos: int, end: int) -> tuple[list[int], int, int] | None:
-        """Validate the record at `pos`; return (chunks, data offset, next record offset), or
-        None if there is no valid record there."""
+    def _parse_header(self, buf: mmap.mmap, pos: int, end: int) -> tuple[list[int], int] | None:
+        """The chunk list and declared end of the record at `pos` if its header and index are
+        self-consistent (the CRC is not checked), else None."""
         hsize = _REC_HDR.size
         if end - pos < hsize:
             return None
-        magic, count, payload_len, stored = _REC_HDR.unpack_from(buf, pos)
+        magic, count, payload_len, _ = _REC_HDR.unpack_from(buf, pos)
         if magic != REC_MAGIC or count == 0 or count > MAX_RECORD_CHUNKS:
             return None
         idx_end = pos + hsize + 8 * count
@@ -439,17 +442,30 @@ class Snapshot:
                 return None
             prev = c
             data_len += self._chunk_len(c)
-        if payload_len != 8 * count + data_len or idx_end + data_len > end:
+        if payload_len != 8 * count + data_len:
             return None
+        return chunks, idx_end + data_len
+
+    def _parse(self, buf: mmap.mmap, pos: int, end: int) -> tuple[list[int], int, int] | None:
+        """Validate the record at `pos`; return (chunks, data offset, next record offset), or
+        None if there is no valid record there."""
+        head = self._parse_header(buf, pos, end)
+        if head is None:
+            return None
+        chunks, rec_end = head
+        if rec_end > end:
+            return None
+        idx_end = pos + _REC_HDR.size + 8 * len(chunks)
+        (stored,) = struct.unpack_from("<I", buf, pos + 12)
         view = memoryview(buf)
         try:
             crc = crc32c.crc32c(view[pos : pos + 12], self._salt_crc)
-            crc = crc32c.crc32c(view[pos + hsize : idx_end + data_len], crc)
+            crc = crc32c.crc32c(view[pos + _REC_HDR.size : rec_end], crc)
         finally:
             view.release()
         if crc != stored:
             return None
-        return chunks, idx_end, idx_end + data_len
+        return chunks, idx_end, rec_end
 
     def _recover(self) -> None:
         """Scan the store, rebuild the index, truncate a torn tail, detect corruption."""
@@ -470,6 +486,13 @@ class Snapshot:
                     data_at += self._chunk_len(c)
                 pos = nxt
             if pos < end:
+                head = self._parse_header(buf, pos, end)
+                if head is not None and head[1] < end and not _all_zero(buf, head[1], end):
+                    # a torn append is the last write: data past its declared end means damage
+                    raise SnapshotCorrupt(
+                        f"snapshot {self._name!r}: invalid record at offset {pos} of "
+                        f"{self._path} ends at {head[1]} but the store goes on to {end}"
+                    )
                 probe = buf.find(REC_MAGIC, pos + 1)
                 while probe != -1:
                     if self._parse(buf, probe, end) is not None:
@@ -483,6 +506,14 @@ class Snapshot:
             os.ftruncate(fd, pos)
             os.fsync(fd)
         self._end = pos
+
+
+def _all_zero(buf: mmap.mmap, start: int, end: int) -> bool:
+    """True if buf[start:end] holds only zero bytes (read a MiB at a time)."""
+    for at in range(start, end, 1 << 20):
+        if buf[at : min(end, at + (1 << 20))].strip(b"\0"):
+            return False
+    return True
 
 
 class SnapshotSet:
