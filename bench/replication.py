@@ -7,6 +7,10 @@ Prints one JSON object:
       present) divided by a raw loopback TCP copy of the same number of bytes, measured in the
       same run (goal >= 0.5). The backlog is written while the pair is suspended, then the
       resume ships it: time from resume to the last acknowledgement.
+  receive_floor_vs_tcp / ship_vs_receive_floor: the same copy where the receiver also does
+      the least a durable receiver must (a fresh buffer per 4 MiB batch, CRC32C, append to a new
+      tmpfs file, fdatasync), against the raw copy and against our shipping: how much of the
+      gap to raw TCP is the work any durable journal receiver does, and how much is ours.
   async_on_vs_off: write throughput through StorageEngine.write (the I/O entry point the TCMU
       handler and `io write` share) with an async pair, divided by the same load with no pair
       (goal >= 0.9). Both sets of sites are open at once and the load alternates between them
@@ -44,6 +48,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
+import crc32c
 import grpc
 
 from targetd_repl.model import PairMode, PairState
@@ -188,8 +193,12 @@ def _ship(base: Path, total: int, record: int) -> tuple[float, int, float, float
         return elapsed, shipped, used_a, _cpu_seconds(a.peer_pid) - cpu_b
 
 
-def _tcp_copy(total: int, chunk: int = 1 << 20) -> float:
-    """Seconds to copy `total` bytes over a loopback TCP connection (sendall / recv_into)."""
+def _tcp_copy(total: int, chunk: int = 1 << 20, store: Path | None = None) -> float:
+    """Seconds to copy `total` bytes over a loopback TCP connection (sendall / recv_into).
+
+    With `store` (a directory) the receiver also does the least a durable journal receiver
+    must: it takes each chunk into a fresh buffer, computes its CRC32C, appends it to a new file
+    there and fdatasyncs: the floor of shipping on this machine, with no replication logic."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     payload = random.Random(2).randbytes(chunk)
@@ -206,7 +215,25 @@ def _tcp_copy(total: int, chunk: int = 1 << 20) -> float:
                     return
                 received[0] += n
 
-    thread = threading.Thread(target=sink)
+    def durable_sink() -> None:
+        assert store is not None
+        conn, _ = listener.accept()
+        fd = os.open(store / "floor.journal", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with conn:
+                while True:
+                    data = conn.recv(chunk, socket.MSG_WAITALL)
+                    if not data:
+                        return
+                    crc32c.crc32c(data)
+                    os.write(fd, data)
+                    os.fdatasync(fd)
+                    received[0] += len(data)
+        finally:
+            os.close(fd)
+            os.unlink(store / "floor.journal")
+
+    thread = threading.Thread(target=sink if store is None else durable_sink)
     thread.start()
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as out:
@@ -354,11 +381,15 @@ def run(quick: bool = False, directory: Path | None = None) -> dict[str, float |
 
     ship_s, shipped, cpu_a, cpu_b = _ship(tmpfs, total, 64 << 10)
     tcp_s = _tcp_copy(shipped)
+    floor_s = _tcp_copy(shipped, 4 << 20, store=tmpfs)  # one batch of settings.batch_bytes
     result["ship_cpu_s_per_gb_primary"] = cpu_a / (shipped / 1e9)
     result["ship_cpu_s_per_gb_secondary"] = cpu_b / (shipped / 1e9)
     result["ship_mb_s"] = shipped / ship_s / 1e6
     result["tcp_mb_s"] = shipped / tcp_s / 1e6
     result["ship_vs_tcp"] = tcp_s / ship_s
+    result["receive_floor_mb_s"] = shipped / floor_s / 1e6
+    result["receive_floor_vs_tcp"] = tcp_s / floor_s
+    result["ship_vs_receive_floor"] = floor_s / ship_s
 
     # The peer of a real pair is another machine with its own disk; here its state goes to
     # tmpfs so that its fsyncs do not queue behind the primary's on the one disk (the figure

@@ -46,8 +46,7 @@ from targetd_repl.model import (
     VolumeInfo,
 )
 from targetd_repl.storage.barrier import WriteBarrier
-from targetd_repl.storage.fileutil import fsync_dir
-from targetd_repl.storage.journal import Journal, ShippedEntry, pwritev_all
+from targetd_repl.storage.journal import Journal, ShippedEntry, pwritev_all, remove_segments
 from targetd_repl.storage.journal_record import HEADER_SIZE, Record
 from targetd_repl.storage.metadata import MetadataStore
 from targetd_repl.storage.range_lock import RangeLock
@@ -605,15 +604,14 @@ class GroupStore:
             with self._received_lock:
                 self._drop_received()  # the seqs start afresh
             journal.close()
-            for segment in path.glob("seg-*.log"):
-                segment.unlink()
-            fsync_dir(path)
+            remove_segments(path)  # spares too: the seqs may start below what they hold
             self._journal = Journal.open(
                 path,
                 group_id=self._info.id,
                 size_limit=journal.size_limit,
                 segment_size=journal.segment_size,
                 start_seq=start_seq,
+                spare_segments=journal.spare_segments,
             )
             with self._checkpoint_lock:
                 self._info = self._metadata.set_checkpoint(

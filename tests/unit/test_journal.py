@@ -145,6 +145,59 @@ def test_trim_frees_whole_segments_and_moves_first_seq(jdir: Path) -> None:
         assert (j.first_seq, j.next_seq) == (5, 11)
 
 
+def test_trimmed_segments_are_recycled_and_their_stale_records_never_come_back(
+    jdir: Path,
+) -> None:
+    record = HEADER_SIZE + 1000
+    opts = {"group_id": GROUP, "size_limit": 1 << 30, "segment_size": 4 * record}
+    with Journal.open(jdir, **opts) as j:  # type: ignore[arg-type]
+        for i in range(1, 17):  # segments from seq 1, 5, 9, 13
+            j.append(WRITE, 1, i, payload(i, 1000), epoch=1)
+        inodes = {p.name: p.stat().st_ino for p in jdir.iterdir()}
+        assert j.trim(11) == 8 * record  # 1..4 and 5..8 become spares; 9..12 holds 12
+        assert j.spare_count == 2 and segment_files(jdir) == [segment_name(9), segment_name(13)]
+        spares = {p.stat().st_ino for p in jdir.glob("spare-*.log")}
+        assert spares == {inodes[segment_name(1)], inodes[segment_name(5)]}
+        # the next roll-overs reuse them; a shorter record leaves stale bytes behind it
+        for i in range(17, 23):
+            j.append(WRITE, 1, i, payload(i, 1000 if i < 21 else 100), epoch=1)
+        assert j.spare_count == 0
+        assert {(jdir / segment_name(s)).stat().st_ino for s in (17, 21)} == spares
+        assert (jdir / segment_name(21)).stat().st_size == 4 * record  # stale tail
+        assert j.used_bytes == 12 * record + 2 * (HEADER_SIZE + 100)
+    with Journal.open(jdir, **opts) as j:  # type: ignore[arg-type]
+        records = list(j.read_from(j.first_seq))
+        assert [r.seq for r in records] == list(range(9, 23))
+        assert all(bytes(r.data) == payload(r.seq, len(r.data)) for r in records)
+        assert (jdir / segment_name(21)).stat().st_size == 2 * (HEADER_SIZE + 100)  # cut
+        assert j.append(WRITE, 1, 23, payload(23, 1000), epoch=1) == 23
+        j.trim(22)  # everything up to 22 goes: a sealed segment with a stale tail was fine
+    # a journal that starts afresh (no segment) drops its spares: its seqs may restart lower
+    for name in segment_files(jdir):
+        os.unlink(jdir / name)
+    assert list(jdir.glob("spare-*.log"))
+    with Journal.open(jdir, **opts, start_seq=3) as j:  # type: ignore[arg-type]
+        assert j.spare_count == 0 and not list(jdir.glob("spare-*.log"))
+        assert (j.first_seq, j.next_seq) == (3, 3)
+
+
+def test_a_sealed_recycled_segment_must_still_reach_the_next_one(jdir: Path) -> None:
+    record = HEADER_SIZE + 1000
+    opts = {"group_id": GROUP, "size_limit": 1 << 30, "segment_size": 4 * record}
+    with Journal.open(jdir, **opts) as j:  # type: ignore[arg-type]
+        for i in range(1, 13):
+            j.append(WRITE, 1, i, payload(i, 1000), epoch=1)
+        j.trim(8)
+        for i in range(13, 25):
+            j.append(WRITE, 1, i, payload(i, 1000), epoch=1)
+    sealed = jdir / segment_name(13)  # a recycled file, sealed: seqs 13..16
+    with open(sealed, "r+b") as f:
+        f.seek(2 * record + 100)
+        f.write(b"\xff" * 8)  # damage seq 15: the segment no longer reaches seq 17
+    with pytest.raises(JournalCorrupt, match="sealed segment"):
+        Journal.open(jdir, **opts)  # type: ignore[arg-type]
+
+
 def test_trimming_everything_frees_the_active_segment_too(journal: Journal) -> None:
     for i in range(4):
         journal.append(WRITE, 1, i, payload(i), epoch=1)

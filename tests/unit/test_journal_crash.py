@@ -304,19 +304,29 @@ CHILD = textwrap.dedent(
             os.write(1, f"{seq} {tag} {size}\\n".encode())
             n += 1
 
+    def trimmer():  # keeps ~100 records: trimmed segments become spares, then are reused
+        while True:
+            journal.trim(journal.durable_seq - 100)
+            threading.Event().wait(0.005)
+
     for i in range(6):
         threading.Thread(target=writer, args=(i,), daemon=True).start()
+    if sys.argv[3] == "trim":
+        threading.Thread(target=trimmer, daemon=True).start()
     threading.Event().wait()
     """
 )
 
 
-def test_sigkill_mid_append_loses_no_acknowledged_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trim", ["no-trim", "trim"])
+def test_sigkill_mid_append_loses_no_acknowledged_record(tmp_path: Path, trim: str) -> None:
+    """With "trim" the child also trims all the time, so it appends into recycled segment
+    files that still hold stale records of their earlier use (journal.py, Recycling)."""
     jdir = tmp_path / "journal"
     acked: dict[int, tuple[int, int]] = {}
     for round_ in range(3):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(jdir), str(round_)],
+            [sys.executable, "-c", CHILD, str(jdir), str(round_), trim],
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
@@ -338,6 +348,11 @@ def test_sigkill_mid_append_loses_no_acknowledged_record(tmp_path: Path) -> None
             records = {r.seq: r for r in j.read_from(j.first_seq)}
             assert list(records) == list(range(j.first_seq, j.next_seq))
             for seq, (tag, size) in acked.items():
+                if seq < j.first_seq:
+                    assert trim == "trim"  # trimmed on purpose
+                    continue
                 record = records[seq]
                 assert record.lba == tag and bytes(record.data) == data_for(tag, size)
             assert max(acked) < j.next_seq
+            if trim == "trim":
+                assert j.first_seq > 1 and j.spare_count > 0, "the child recycled no segment"
