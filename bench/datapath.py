@@ -70,6 +70,7 @@ def summarize(data: dict[str, Any]) -> dict[str, float | int | str]:
     out["rounds"] = int(data.get("rounds", 1))
     out["workers"] = int(data["workers"])
     out["durability"] = str(data["durability"])
+    out["crc32c"] = str(data.get("crc32c", "unknown"))
     return out
 
 

@@ -11,6 +11,7 @@ Prints one JSON object:
       the least a durable receiver must (a fresh buffer per 4 MiB batch, CRC32C, append to a new
       tmpfs file, fdatasync), against the raw copy and against our shipping: how much of the
       gap to raw TCP is the work any durable journal receiver does, and how much is ours.
+      `receive_floor_recycled_*`: the same into a file whose pages exist (recycled segments).
   async_on_vs_off: write throughput through StorageEngine.write (the I/O entry point the TCMU
       handler and `io write` share) with an async pair, divided by the same load with no pair
       (goal >= 0.9). Both sets of sites are open at once and the load alternates between them
@@ -193,12 +194,16 @@ def _ship(base: Path, total: int, record: int) -> tuple[float, int, float, float
         return elapsed, shipped, used_a, _cpu_seconds(a.peer_pid) - cpu_b
 
 
-def _tcp_copy(total: int, chunk: int = 1 << 20, store: Path | None = None) -> float:
+def _tcp_copy(
+    total: int, chunk: int = 1 << 20, store: Path | None = None, recycled: bool = False
+) -> float:
     """Seconds to copy `total` bytes over a loopback TCP connection (sendall / recv_into).
 
     With `store` (a directory) the receiver also does the least a durable journal receiver
-    must: it takes each chunk into a fresh buffer, computes its CRC32C, appends it to a new file
-    there and fdatasyncs: the floor of shipping on this machine, with no replication logic."""
+    must: it takes each chunk into a fresh buffer, computes its CRC32C, appends it to a file
+    there and fdatasyncs: the floor of shipping on this machine, with no replication logic.
+    The file is new, or with `recycled` written beforehand (untimed) and overwritten, as the
+    journal's recycled segments are."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     payload = random.Random(2).randbytes(chunk)
@@ -218,7 +223,7 @@ def _tcp_copy(total: int, chunk: int = 1 << 20, store: Path | None = None) -> fl
     def durable_sink() -> None:
         assert store is not None
         conn, _ = listener.accept()
-        fd = os.open(store / "floor.journal", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(store / "floor.journal", os.O_WRONLY)
         try:
             with conn:
                 while True:
@@ -233,6 +238,11 @@ def _tcp_copy(total: int, chunk: int = 1 << 20, store: Path | None = None) -> fl
             os.close(fd)
             os.unlink(store / "floor.journal")
 
+    if store is not None:
+        with open(store / "floor.journal", "wb") as prepared:
+            if recycled:
+                for _ in range(0, total, chunk):
+                    prepared.write(payload)
     thread = threading.Thread(target=sink if store is None else durable_sink)
     thread.start()
     started = time.perf_counter()
@@ -381,7 +391,9 @@ def run(quick: bool = False, directory: Path | None = None) -> dict[str, float |
 
     ship_s, shipped, cpu_a, cpu_b = _ship(tmpfs, total, 64 << 10)
     tcp_s = _tcp_copy(shipped)
-    floor_s = _tcp_copy(shipped, 4 << 20, store=tmpfs)  # one batch of settings.batch_bytes
+    # one batch of settings.batch_bytes per chunk
+    floor_s = _tcp_copy(shipped, 4 << 20, store=tmpfs)
+    floor_recycled_s = _tcp_copy(shipped, 4 << 20, store=tmpfs, recycled=True)
     result["ship_cpu_s_per_gb_primary"] = cpu_a / (shipped / 1e9)
     result["ship_cpu_s_per_gb_secondary"] = cpu_b / (shipped / 1e9)
     result["ship_mb_s"] = shipped / ship_s / 1e6
@@ -390,6 +402,8 @@ def run(quick: bool = False, directory: Path | None = None) -> dict[str, float |
     result["receive_floor_mb_s"] = shipped / floor_s / 1e6
     result["receive_floor_vs_tcp"] = tcp_s / floor_s
     result["ship_vs_receive_floor"] = floor_s / ship_s
+    result["receive_floor_recycled_mb_s"] = shipped / floor_recycled_s / 1e6
+    result["receive_floor_recycled_vs_tcp"] = tcp_s / floor_recycled_s
 
     # The peer of a real pair is another machine with its own disk; here its state goes to
     # tmpfs so that its fsyncs do not queue behind the primary's on the one disk (the figure

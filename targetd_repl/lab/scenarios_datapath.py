@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import crc32c
+
 from targetd_repl import lio
 from targetd_repl.lab import initiator
 from targetd_repl.lab.child import ChildProcess
@@ -905,4 +907,6 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
         "results": results,
         "durability": "both write-through: fileio O_DSYNC (write_back=False), ours journal "
         "fdatasync before the ack; both files on the guest's tmpfs",
+        # the handler inherits this environment (lab_crc: software under TCG, see qemu.py)
+        "crc32c": "hardware" if crc32c.hardware_based else "software",
     }
