@@ -460,6 +460,17 @@ def build_parser() -> Parser:
         help="a volume at the target site to copy into first; then only the extent changes",
     )
 
+    p = _add(
+        top,
+        "verify",
+        "compare a paired group's images at both sites by region hashes (at its primary); "
+        "exit 0 equal, 1 regions differ, 2 it could not compare",
+        commands.verify,
+        site,
+    )
+    p.add_argument("group")
+    p.add_argument("--volume", default="", help="one volume of the group (default: all)")
+
     # local commands
     serve = top.add_parser("serve", help="run this site's controller")
     serve.add_argument("--config", required=True, metavar="FILE", help="the site's TOML file")

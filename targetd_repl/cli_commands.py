@@ -9,8 +9,9 @@ import base64
 import hashlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from targetd_repl import cli_output as out
 from targetd_repl.api.client import ControlClient
@@ -20,6 +21,9 @@ from targetd_repl.replication.settings import FencePolicy
 from targetd_repl.v1 import control_pb2
 
 Handler = Callable[[argparse.Namespace, ControlClient], int]
+
+
+R = TypeVar("R")
 
 
 class CommandError(TargetdReplError):
@@ -375,26 +379,42 @@ def role_status(args: argparse.Namespace, client: ControlClient) -> int:
     return 0
 
 
-def copy(args: argparse.Namespace, client: ControlClient) -> int:
-    volume, offset, length = args.source
-    site, target, target_offset = args.target
-    show = not args.json and sys.stderr.isatty()
-    progress = out.RoleProgress("copy") if show else None
-    last: control_pb2.CopyProgress | None = None
+def _last_of(
+    args: argparse.Namespace,
+    what: str,
+    replies: Iterator[R],
+    step: Callable[[R], tuple[str, int, int]],
+) -> R:
+    """Follow a stream of progress reports (a progress bar on a terminal, unless --json) and
+    return the last one, which must carry `done`."""
+    progress = out.RoleProgress(what) if not args.json and sys.stderr.isatty() else None
+    last: R | None = None
     try:
         if progress is not None:
             progress.__enter__()
-        for reply in client.copy(
-            volume, offset, length, site, target, target_offset, args.via or "", timeout=None
-        ):
+        for reply in replies:
             last = reply
             if progress is not None:
-                progress.update(reply.step, reply.done_bytes, reply.total_bytes)
+                progress.update(*step(reply))
     finally:
         if progress is not None:
             progress.__exit__(None, None, None)
-    if last is None or not last.done:
-        raise CommandError("copy ended without a result")
+    if last is None or not getattr(last, "done", False):
+        raise CommandError(f"{what} ended without a result")
+    return last
+
+
+def copy(args: argparse.Namespace, client: ControlClient) -> int:
+    volume, offset, length = args.source
+    site, target, target_offset = args.target
+    last = _last_of(
+        args,
+        "copy",
+        client.copy(
+            volume, offset, length, site, target, target_offset, args.via or "", timeout=None
+        ),
+        lambda r: (r.step, r.done_bytes, r.total_bytes),
+    )
     if args.json:
         out.print_json(out.copy_doc(last))
     else:
@@ -405,3 +425,23 @@ def copy(args: argparse.Namespace, client: ControlClient) -> int:
         )
         print(f"  {last.detail}")
     return 0
+
+
+def verify(args: argparse.Namespace, client: ControlClient) -> int:
+    """Exit 0: the images are equal; 1: regions differ (listed); 2: no comparison (one line),
+    as cmp(1) does."""
+    try:
+        last = _last_of(
+            args,
+            "verify",
+            client.verify(args.group, args.volume, timeout=None),
+            lambda r: (f"volume {r.volume}", r.done_bytes, r.total_bytes),
+        )
+    except TargetdReplError as error:
+        print(f"targetd-repl: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        out.print_json(out.verify_doc(args.group, last))
+    else:
+        out.print_verify(args.group, last)
+    return 1 if last.differing else 0

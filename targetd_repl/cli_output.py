@@ -113,7 +113,10 @@ def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) ->
     return table
 
 
-_NUMERIC = {"SIZE", "BLOCK", "EPOCH", "APPLIED", "LAST", "ACKED", "LAG", "LAG S", "UNSENT", "COPY"}
+_NUMERIC = {
+    *("OFFSET", "LENGTH", "SIZE", "BLOCK", "EPOCH", "APPLIED", "LAST", "ACKED", "LAG", "LAG S"),
+    *("UNSENT", "COPY"),
+}
 
 
 def print_volumes(volumes: Sequence[control_pb2.Volume]) -> None:
@@ -401,3 +404,31 @@ def copy_doc(p: control_pb2.CopyProgress) -> Document:
         "snapshot": p.snapshot,
         "detail": p.detail,
     }
+
+
+def verify_doc(group: str, p: control_pb2.VerifyProgress) -> Document:
+    return {
+        "group": group,
+        "equal": not p.differing,
+        "regions": p.regions,
+        "bytes": p.done_bytes,
+        "differing": [
+            {"volume": d.volume, "offset": d.offset, "length": d.length} for d in p.differing
+        ],
+        "first_seq": p.first_seq,
+        "last_seq": p.last_seq,
+        "seconds": p.seconds,
+        "max_pause_ms": p.max_pause_ms,
+    }
+
+
+def print_verify(group: str, p: control_pb2.VerifyProgress) -> None:
+    seqs = f"seq {p.first_seq}" if p.first_seq == p.last_seq else f"seqs {p.first_seq}-{p.last_seq}"
+    verdict = "equal at both sites" if not p.differing else f"{len(p.differing)} region(s) differ"
+    print(
+        f"group {group}: {p.regions} regions ({human_size(p.done_bytes)}) compared at {seqs}: "
+        f"{verdict} ({p.seconds:.2f} s, writes paused at most {p.max_pause_ms:.0f} ms at a time)"
+    )
+    if p.differing:
+        rows = [(d.volume, str(d.offset), human_size(d.length)) for d in p.differing]
+        _console().print(_table("", ("VOLUME", "OFFSET", "LENGTH"), rows))

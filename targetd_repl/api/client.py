@@ -311,6 +311,17 @@ class ControlClient:
         except grpc.RpcError as error:
             raise self._error(error) from None
 
+    def verify(
+        self, group: str, volume: str = "", *, timeout: float | None = None
+    ) -> Iterator[control_pb2.VerifyProgress]:
+        """The verify's progress reports; the last one has `done` and the differing regions.
+        `timeout` bounds the whole comparison (default: none beyond the site's own)."""
+        request = control_pb2.VerifyRequest(group=group, volume=volume)
+        try:
+            yield from self._roles.Verify(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
 
 def _chunks(offset: int, data: memoryview) -> Iterator[tuple[int, memoryview]]:
     if not data.nbytes:

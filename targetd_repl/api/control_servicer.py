@@ -318,6 +318,17 @@ class RolesServicer(control_pb2_grpc.RolesServicer):
         except Exception as error:
             abort(context, error, "Roles.Copy")
 
+    def Verify(
+        self, request: control_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> Iterator[control_pb2.VerifyProgress]:
+        what = f"Roles.Verify {request.group!r}"
+        steps = _serve(context, what, lambda: self._service.verify(request.group, request.volume))
+        try:
+            for step in steps:
+                yield convert.verify_step_to_pb(step)
+        except Exception as error:
+            abort(context, error, what)
+
 
 def add_to_server(service: ControlService, server: grpc.Server) -> tuple[str, ...]:
     """Register every control servicer on `server`; return their service names."""

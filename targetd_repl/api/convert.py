@@ -22,7 +22,7 @@ from targetd_repl.replication.wire import (
     role_to_proto,
     state_to_proto,
 )
-from targetd_repl.roles.manager import CopyStep
+from targetd_repl.roles.manager import CopyStep, VerifyStep
 from targetd_repl.v1 import control_pb2
 
 
@@ -154,4 +154,22 @@ def copy_step_to_pb(step: CopyStep) -> control_pb2.CopyProgress:
         seconds=step.seconds,
         snapshot=step.snapshot,
         detail=step.detail,
+    )
+
+
+def verify_step_to_pb(step: VerifyStep) -> control_pb2.VerifyProgress:
+    return control_pb2.VerifyProgress(
+        done_bytes=step.done_bytes,
+        total_bytes=step.total_bytes,
+        done=step.done,
+        regions=step.regions,
+        differing=[
+            control_pb2.DifferingRegion(volume=volume, offset=offset, length=length)
+            for volume, offset, length in (step.differing if step.done else ())
+        ],
+        first_seq=step.first_seq,
+        last_seq=step.last_seq,
+        seconds=step.seconds,
+        max_pause_ms=step.max_pause_ms,
+        volume=step.volume,
     )

@@ -40,7 +40,7 @@ from targetd_repl.model import (
     check_name,
 )
 from targetd_repl.replication.settings import FencePolicy
-from targetd_repl.roles.manager import CopyStep, RoleManager, RoleStatus
+from targetd_repl.roles.manager import CopyStep, RoleManager, RoleStatus, VerifyStep
 from targetd_repl.storage.engine import StorageEngine
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,12 @@ class ControlService:
         return self._role_manager().copy_extent(
             volume, offset, length, site, target_volume, target_offset, via
         )
+
+    def verify(self, group: str, volume: str = "") -> Iterator[VerifyStep]:
+        check_name("group", group)
+        if volume:
+            check_name("volume", volume)
+        return self._role_manager().verify(group, volume)
 
     # --- I/O -----------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """RoleManager: the role-change commands of a site (failover.py, rejoin.py, switchover.py,
-extent.py), composed, with what ties them to the running site:
+extent.py, verify.py), composed, with what ties them to the running site:
 
   * hooks on the replication runners (ReplicationManager.on_attach): a primary runner asks the
     manager for the stream of a rejoin in progress (`plan_hook`) and adds the changed bitmap,
@@ -26,19 +26,20 @@ from targetd_repl.replication.manager import ReplicationManager
 from targetd_repl.replication.primary import PrimaryPair, StreamPlan
 from targetd_repl.replication.secondary import SecondaryGroup
 from targetd_repl.roles.core import RoleSettings, RoleStatus
-from targetd_repl.roles.extent import CopyStep, ExtentCopy
+from targetd_repl.roles.extent import CopyStep
 from targetd_repl.roles.peer import RolePeerServicer
 from targetd_repl.roles.state import RejoinBitmaps, TargetBitmaps
+from targetd_repl.roles.verify import Verify, VerifyStep
 from targetd_repl.roles.views import extras, site_view
 from targetd_repl.storage.engine import StorageEngine
 from targetd_repl.v1 import replication_pb2
 
-__all__ = ["CopyStep", "RoleManager", "RoleSettings", "RoleStatus"]
+__all__ = ["CopyStep", "RoleManager", "RoleSettings", "RoleStatus", "VerifyStep"]
 
 log = logging.getLogger(__name__)
 
 
-class RoleManager(ExtentCopy):
+class RoleManager(Verify):
     """See the module docstring."""
 
     def __init__(

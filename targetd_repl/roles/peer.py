@@ -130,3 +130,12 @@ class RolePeerServicer(replication_pb2_grpc.RolePeerServicer):
             return self._roles.receive_extent(first.open, request_iterator)
         except Exception as error:
             abort(context, error, what)
+
+    def HashRegions(
+        self, request: replication_pb2.HashRegionsRequest, context: grpc.ServicerContext
+    ) -> replication_pb2.HashRegionsResponse:
+        try:
+            check_peer(context, request.site)
+            return self._roles.hash_regions(request)
+        except Exception as error:
+            abort(context, error, f"HashRegions {request.group!r} from {request.site}")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from targetd_repl.errors import (
     FailedPrecondition,
@@ -53,6 +54,8 @@ from targetd_repl.storage.range_lock import RangeLock
 from targetd_repl.storage.snapshot import SnapshotSet
 from targetd_repl.storage.volume import Volume
 from targetd_repl.storage.watermark import SequenceWatermark
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -660,36 +663,67 @@ class GroupStore:
         the image is always a prefix of the primary's history; return the applied seq. Records
         come from the batches receive_shipped keeps in memory, else from the journal."""
         with self._apply_lock:
+            return self._apply_received_locked(max_records)
+
+    def _apply_received_locked(self, max_records: int | None) -> int:
+        """apply_received's body, with _apply_lock held."""
+        self._check_usable()
+        budget = max_records if max_records is not None else 1 << 62
+        while budget > 0:
+            # Order: always the next seq after the applied watermark, from either source.
+            start = self._applied.value + 1
+            durable = self._journal.durable_seq
+            if start > durable:
+                break
+            cached = self._received_from(start)
+            if isinstance(cached, tuple):
+                first, entries = cached
+                stop = min(len(entries), start - first + budget)
+                for index in range(start - first, stop):
+                    kind, _, volume_id, length, lba, _, data, _ = entries[index]
+                    self._apply_received_one(first + index, kind, volume_id, lba, length, data)
+                budget -= stop - (start - first)
+                continue
+            last = durable if cached is None else min(durable, cached - 1)
+            count = min(budget, last - start + 1)
+            for record in self._journal.read_from(start, count):
+                self._apply_received_one(
+                    record.seq,
+                    record.kind,
+                    record.volume_id,
+                    record.lba,
+                    record.length,
+                    record.data,
+                )
+            budget -= count
+        return self._applied.value
+
+    def at_applied_seq(self, seq: int, action: Callable[[], T]) -> T:
+        """Secondary (verify): apply received records up to exactly `seq`, then run `action`
+        while no record past it can be applied (the applier waits for _apply_lock). The
+        journal must hold `seq` already; an image applied past it cannot go back
+        (FailedPrecondition)."""
+        with self._apply_lock:
             self._check_usable()
-            budget = max_records if max_records is not None else 1 << 62
-            while budget > 0:
-                # Order: always the next seq after the applied watermark, from either source.
-                start = self._applied.value + 1
-                durable = self._journal.durable_seq
-                if start > durable:
-                    break
-                cached = self._received_from(start)
-                if isinstance(cached, tuple):
-                    first, entries = cached
-                    stop = min(len(entries), start - first + budget)
-                    for index in range(start - first, stop):
-                        kind, _, volume_id, length, lba, _, data, _ = entries[index]
-                        self._apply_received_one(first + index, kind, volume_id, lba, length, data)
-                    budget -= stop - (start - first)
-                    continue
-                last = durable if cached is None else min(durable, cached - 1)
-                count = min(budget, last - start + 1)
-                for record in self._journal.read_from(start, count):
-                    self._apply_received_one(
-                        record.seq,
-                        record.kind,
-                        record.volume_id,
-                        record.lba,
-                        record.length,
-                        record.data,
-                    )
-                budget -= count
-            return self._applied.value
+            if self._journal.durable_seq < seq:
+                raise FailedPrecondition(
+                    f"group {self.name!r}: seq {seq} has not been received here "
+                    f"(received up to {self._journal.durable_seq})"
+                )
+            if self._applied.value > seq:
+                raise FailedPrecondition(
+                    f"group {self.name!r}: applied up to seq {self._applied.value} here, past "
+                    f"seq {seq}"
+                )
+            self._apply_received_locked(seq - self._applied.value)
+            return action()
+
+    @contextmanager
+    def writes_paused(self) -> Iterator[int]:
+        """Primary (verify): hold with no write in flight and none admitted; yields the seq the
+        volumes hold exactly the history up to (every journaled write is applied in its slot)."""
+        with self._barrier.closed():
+            yield self._journal.durable_seq
 
     def _apply_received_one(
         self, seq: int, kind: int, volume_id: int, lba: int, length: int, data: Buffer
