@@ -13,13 +13,15 @@ seq S:
      exist while the primary's writes pause) and hashes with its applier held;
   4. the writes resume; regions whose hashes differ are reported.
 
-A pause lasts one slice's hashing at each site plus the replication lag, and at most
-`PAUSE_TIMEOUT` seconds: past that the call fails, the writes resume and verify reports the
-error. The figure of the longest pause comes with the result (`max_pause_ms`).
+Before each pause the primary waits (up to `PAUSE_TIMEOUT`) until the peer holds what is already
+written, so a pause lasts one slice's hashing at each site plus the lag of the writes made
+since, and at most `PAUSE_TIMEOUT` seconds: past that the call fails, the writes resume and
+verify reports the error. The figure of the longest pause comes with the result (`max_pause_ms`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 from targetd_repl.errors import FailedPrecondition, NotFound
 from targetd_repl.model import PairState, Role
+from targetd_repl.replication.errors import PeerUnavailable
 from targetd_repl.replication.secondary import SecondaryGroup
 from targetd_repl.roles.extent import ExtentCopy
 from targetd_repl.storage.volume import Volume
@@ -99,6 +102,7 @@ class Verify(ExtentCopy):
             name = ov.info.name
             step.volume = name
             for regions in slices(ov.info.size_bytes, region_size):
+                self._catch_up(group, store.journal.durable_seq)
                 paused = time.monotonic()
                 with store.writes_paused() as seq:  # order: S fixed before either site hashes
                     ours = region_hashes(ov.volume, regions, region_size)
@@ -134,6 +138,12 @@ class Verify(ExtentCopy):
         step.done = True
         step.seconds = time.monotonic() - started
         yield step
+
+    def _catch_up(self, group: str, seq: int) -> None:
+        """Wait (a while) until the peer holds `seq`, so that a pause of the writes does not
+        also wait out a backlog; a peer still behind after that is waited for in the pause."""
+        with contextlib.suppress(PeerUnavailable):  # the pause's own deadline decides
+            self._repl.wait_for(group, lambda status: status.acked_seq >= seq, PAUSE_TIMEOUT)
 
     def _peer_hashes(
         self, peer: str, request: replication_pb2.HashRegionsRequest
