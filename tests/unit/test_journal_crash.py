@@ -305,9 +305,13 @@ CHILD = textwrap.dedent(
             n += 1
 
     def trimmer():  # keeps ~100 records: trimmed segments become spares, then are reused
+        spares = 0
         while True:
             journal.trim(journal.durable_seq - 100)
-            threading.Event().wait(0.005)
+            if journal.spare_count < spares:  # a roll-over took a spare: say so
+                open(sys.argv[1] + ".reused", "w").close()
+            spares = journal.spare_count
+            threading.Event().wait(0.002)
 
     for i in range(6):
         threading.Thread(target=writer, args=(i,), daemon=True).start()
@@ -324,6 +328,7 @@ def test_sigkill_mid_append_loses_no_acknowledged_record(tmp_path: Path, trim: s
     files that still hold stale records of their earlier use (journal.py, Recycling)."""
     jdir = tmp_path / "journal"
     acked: dict[int, tuple[int, int]] = {}
+    recycled = False  # a spare was seen taken, or spares were on disk at a reopen
     for round_ in range(3):
         child = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(jdir), str(round_), trim],
@@ -355,4 +360,6 @@ def test_sigkill_mid_append_loses_no_acknowledged_record(tmp_path: Path, trim: s
                 assert record.lba == tag and bytes(record.data) == data_for(tag, size)
             assert max(acked) < j.next_seq
             if trim == "trim":
-                assert j.first_seq > 1 and j.spare_count > 0, "the child recycled no segment"
+                assert j.first_seq > 1, "the child trimmed nothing"
+                recycled |= j.spare_count > 0 or Path(f"{jdir}.reused").exists()
+    assert recycled or trim == "no-trim", "the child recycled no segment"
