@@ -792,6 +792,9 @@ class PrimaryPair:
             # Pin the journal: what the view says it holds must still be there afterwards.
             if pin:
                 self._pin = journal.first_seq
+            # Applied before durable: writes keep flowing, and both only grow with applied never
+            # past durable, so this order can never report applied_seq above last_seq.
+            applied = store.applied_seq
             last = journal.durable_seq
             acked = min(self._acked, last)
             return HandshakeView(
@@ -802,7 +805,7 @@ class PrimaryPair:
                 last_seq=last,
                 acked_seq=acked,
                 journal_first_seq=min(journal.first_seq, last + 1),
-                applied_seq=store.applied_seq,
+                applied_seq=applied,
                 has_unsent=self._unsent.any() or last > acked,
                 clean_shutdown=self._rstate.clean_shutdown,
                 consistent=self._rstate.consistent,
