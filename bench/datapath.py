@@ -15,12 +15,20 @@ fdatasync returned. On tmpfs neither sync costs anything, so the ratios measure 
 (ring, SCSI emulation, journal and volume writes in Python versus the kernel's fileio), not a
 disk.
 
+LUN 2 is the plain handler: the same ring and SCSI code (`python -m targetd_repl.datapath --file`,
+every command on the loop thread) serving a plain O_DSYNC file on the same tmpfs, with no journal,
+no CRC, no replication hook: the fastest a pure-Python TCMU handler goes in this guest. Its
+ratios split the gap to fileio in two, measured in the same run: `plain_<ratio>` (plain /
+fileio: what userspace TCMU in Python costs, the floor under any such handler) and
+`<job>_vs_plain` (ours / plain: what journaling every write before its completion costs).
+
 Absolute figures under TCG (software emulation) are slow and noisy; compare the ratios, which are
 measured in the same guest at the same time. Prints JSON:
 
     seq_write_vs_fileio, seq_read_vs_fileio          MB/s ratios (ours / fileio)
     rand4k_write_vs_fileio, rand4k_read_vs_fileio    IOPS ratios at queue depth 32
     rand4k_write_qd8_vs_fileio, rand4k_read_qd8_vs_fileio
+    plain_<ratio>, <job>_vs_plain                    the plain handler's split (above)
     ours_<job>_iops|mb_s, fileio_<job>_iops|mb_s     the raw figures
 
     python -m targetd_repl_bench.datapath [--quick] [--jobs seq_write,...] [--profile JOB]
@@ -61,6 +69,20 @@ def summarize(data: dict[str, Any]) -> dict[str, float | int | str]:
         if len(rounds) > 1:  # how much the shared machine moved the ratio between rounds
             out[f"{key}_min"] = min(rounds)
             out[f"{key}_max"] = max(rounds)
+    plain = results.get("plain")
+    plain_spread: dict[str, list[float | None]] = data.get("plain_round_ratios", {})
+    for key, (job, metric) in RATIOS.items() if plain else ():
+        ours = results["ours"].get(job, {}).get(metric)
+        floor = plain.get(job, {}).get(metric) if plain else None
+        theirs = results["fileio"].get(job, {}).get(metric)
+        if floor is not None and theirs:
+            out[f"plain_{key}"] = round(floor / theirs, 3)
+        if ours is not None and floor:
+            out[key.replace("_vs_fileio", "_vs_plain")] = round(ours / floor, 3)
+        rounds = [r for r in plain_spread.get(job, []) if r is not None]
+        if len(rounds) > 1:
+            out[f"plain_{key}_min"] = min(rounds)
+            out[f"plain_{key}_max"] = max(rounds)
     for label, jobs in results.items():
         for job, figures in jobs.items():
             out[f"{label}_{job}_iops"] = figures["iops"]
@@ -81,6 +103,7 @@ def run(
     profile: str | None = None,
     pyspy: str | None = None,
     workers: int | None = None,
+    plain: bool = True,
 ) -> dict[str, float | int | str]:
     """Boot one lab guest, run the fio jobs on both LUNs, return ratios and raw figures."""
     params = {"lab_quick": "1" if quick else "0"}
@@ -92,6 +115,8 @@ def run(
         params["lab_pyspy"] = pyspy
     if workers is not None:
         params["lab_workers"] = str(workers)
+    if not plain:
+        params["lab_plain"] = "0"
     result = run_scenario(SCENARIO, params=params, mem_mb=MEM_MB)
     out = summarize(result.data)
     out["accel"] = result.accel
@@ -107,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="py-spy the handler during this job (ours)")
     parser.add_argument("--pyspy", help="path of the py-spy binary (seen by the guest)")
     parser.add_argument("--workers", type=int, help="handler worker threads")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain handler's LUN")
     args = parser.parse_args(argv)
     out = run(
         args.quick,
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
         pyspy=args.pyspy,
         workers=args.workers,
+        plain=not args.no_plain,
     )
     print(json.dumps(out, indent=2, sort_keys=True))
     return 0

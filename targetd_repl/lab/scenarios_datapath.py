@@ -74,19 +74,26 @@ class Handler(ChildProcess):
         volumes: list[str],
         *extra: str,
         memory: bool = False,
+        plain_files: bool = False,
+        name: str = "handler",
     ) -> None:
         """`volumes` are NAME:SIZE; `memory` serves them from memory (`--memory`, no engine:
-        the benchmark's measure of the ring and SCSI layers alone)."""
-        backend = (
-            [arg for volume in volumes for arg in ("--memory", volume)]
-            if memory
-            else [
+        the benchmark's measure of the ring and SCSI layers alone); `plain_files` from plain
+        files in `state_dir` (`--file`, O_DSYNC, no journal: the benchmark's plain handler)."""
+        if memory:
+            backend = [arg for volume in volumes for arg in ("--memory", volume)]
+        elif plain_files:
+            backend = []
+            for volume in volumes:
+                vol_name, _, size = volume.partition(":")
+                backend += ["--file", f"{vol_name}:{state_dir / vol_name}.img:{size}"]
+        else:
+            backend = [
                 *("--engine", str(state_dir)),
                 *(arg for volume in volumes for arg in ("--volume", volume)),
             ]
-        )
         cmd = [sys.executable, "-m", "targetd_repl.datapath", *backend, *extra]
-        super().__init__(ctx, "handler", cmd, cleanup_timeout=30)
+        super().__init__(ctx, name, cmd, cleanup_timeout=30)
         self.state_dir = state_dir
 
     def start(self) -> None:
@@ -797,7 +804,20 @@ def _aggregate(runs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-@scenario("datapath_bench", needs=("iscsid",), timeout_s=900)
+def _round_ratios(
+    runs: dict[str, dict[str, list[dict[str, float]]]], label: str, base: str
+) -> dict[str, list[float | None]]:
+    """Per job, each round's IOPS ratio label / base."""
+    return {
+        job: [
+            round(o["iops"] / b["iops"], 3) if b["iops"] else None
+            for o, b in zip(per_job, runs[base][job], strict=True)
+        ]
+        for job, per_job in runs[label].items()
+    }
+
+
+@scenario("datapath_bench", needs=("iscsid",), timeout_s=1200)
 def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
     """fio on our LUN and on a kernel fileio LUN in one guest (bench/datapath.py)."""
     quick = param("quick") == "1"
@@ -811,6 +831,11 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
     size = 128 * MiB
     state = WORKDIR / "engine-bench"
     memory = param("backend") == "memory"
+    # A third LUN served by the same ring and SCSI code from a plain O_DSYNC file, every command
+    # on the loop thread, no journal: the fastest any pure-Python TCMU handler goes in this
+    # guest, so what the journal costs (ours / plain) and what Python costs (plain / fileio)
+    # are measured apart, in the same run.
+    plain = param("plain") != "0"
     engine_args = ("--segment-size", "16M", "--journal-size", "96M", "--trim-interval", "1")
     handler = Handler(
         ctx,
@@ -822,6 +847,20 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
     )
     ctx.cleanups.callback(handler.cleanup)
     handler.start()
+    plain_handler = None
+    if plain:
+        plain_dir = WORKDIR / "plain-bench"
+        plain_dir.mkdir(parents=True, exist_ok=True)
+        plain_handler = Handler(
+            ctx,
+            plain_dir,
+            [f"plainbench:{size}"],
+            *("--workers", "0", "--log-level", "WARNING"),
+            plain_files=True,
+            name="plain-handler",
+        )
+        ctx.cleanups.callback(plain_handler.cleanup)
+        plain_handler.start()
     # Both LUNs write through: the fileio LUN opens its file O_DSYNC (write_back=False, WCE=0),
     # ours acknowledges a write once the journal's fdatasync returned. Both files are on the
     # guest's tmpfs, where a sync costs nothing: the ratio measures the data path itself.
@@ -833,11 +872,13 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
         lun=1,
         write_back=False,
     )
-    iqn = _export(ctx, _user_lun("dpbench", size, lun=0), fileio)
+    plain_lun = (_user_lun("plainbench", size, lun=2),) if plain else ()
+    iqn = _export(ctx, _user_lun("dpbench", size, lun=0), fileio, *plain_lun)
     deadline = time.monotonic() + 90
-    while not _served_uio(handler):
-        ctx.check(time.monotonic() < deadline, "the handler opened its uio device")
-        time.sleep(0.2)
+    for served in (handler, plain_handler):
+        while served is not None and not _served_uio(served):
+            ctx.check(time.monotonic() < deadline, f"the {served.name} opened its uio device")
+            time.sleep(0.2)
     offered = initiator.discover(ctx, str(PORTAL))
     ctx.check(iqn in offered, f"discovery offers {iqn}")
     initiator.login(ctx, iqn, str(PORTAL))
@@ -845,6 +886,8 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
         "ours": initiator.disk_for(ctx, iqn, lun=0),
         "fileio": initiator.disk_for(ctx, iqn, lun=1),
     }
+    if plain:
+        devices["plain"] = initiator.disk_for(ctx, iqn, lun=2)
     queue_limits = {
         label: {
             name: Path(f"/sys/block/{os.path.basename(dev)}/queue/{name}").read_text().strip()
@@ -853,13 +896,13 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
         for label, dev in devices.items()
     }
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
-        "ours": {job: [] for job in jobs},
-        "fileio": {job: [] for job in jobs},
+        label: {job: [] for job in jobs} for label in devices
     }
     profile = param("profile")
     slices = [(job, r) for r in range(rounds) for job in jobs]
     for i, (job, r) in enumerate(slices):
-        order = ["ours", "fileio"] if i % 2 == 0 else ["fileio", "ours"]
+        labels = list(devices)
+        order = labels[i % len(labels) :] + labels[: i % len(labels)]  # each goes first in turn
         for label in order:
             spy = None
             if profile and label == "ours" and job == profile and r == 0:
@@ -883,30 +926,26 @@ def datapath_bench(ctx: GuestContext) -> dict[str, Any]:
         label: {job: _aggregate(job_runs) for job, job_runs in per_job.items()}
         for label, per_job in runs.items()
     }
-    # the spread: each round's ratio (ours / fileio), IOPS
-    spread = {
-        job: [
-            round(o["iops"] / f["iops"], 3) if f["iops"] else None
-            for o, f in zip(runs["ours"][job], runs["fileio"][job], strict=True)
-        ]
-        for job in jobs
-    }
     initiator.logout(ctx, iqn, str(PORTAL))
     handler.stop()
+    if plain_handler is not None:
+        plain_handler.stop()
     return {
         "quick": quick,
         "runtime_s": runtime,
         "rounds": rounds,
         "ramp_s": ramp,
-        "round_ratios": spread,
+        # the spread: each round's ratio (ours / fileio, plain / fileio), IOPS
+        "round_ratios": _round_ratios(runs, "ours", "fileio"),
+        "plain_round_ratios": _round_ratios(runs, "plain", "fileio") if plain else {},
         "workers": int(workers),
         "backend": "memory" if memory else "engine",
         "size": size,
         "hw_max_sectors": HW_MAX_SECTORS,
         "queue_limits": queue_limits,
         "results": results,
-        "durability": "both write-through: fileio O_DSYNC (write_back=False), ours journal "
-        "fdatasync before the ack; both files on the guest's tmpfs",
+        "durability": "all write-through: fileio and plain O_DSYNC (fileio write_back=False), "
+        "ours journal fdatasync before the ack; every file on the guest's tmpfs",
         # the handler inherits this environment (lab_crc: software under TCG, see qemu.py)
         "crc32c": "hardware" if crc32c.hardware_based else "software",
     }

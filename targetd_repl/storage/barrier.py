@@ -14,25 +14,32 @@ from contextlib import contextmanager
 
 class WriteBarrier:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._writers = 0
         self._closed = False
         self._closers_waiting = 0
+        # Every data-path command passes here: one shared hold object whose enter/exit take
+        # the plain lock (no generator, no Condition method per command).
+        self._hold = _WriterHold(self)
 
-    @contextmanager
-    def writer(self) -> Iterator[None]:
-        """Hold while a write goes from journal to volume."""
-        with self._cond:
-            while self._closed or self._closers_waiting:
-                self._cond.wait()
+    def writer(self) -> _WriterHold:
+        """Hold (`with barrier.writer():`) while a write goes from journal to volume."""
+        return self._hold
+
+    def enter_writer(self) -> None:
+        with self._lock:
+            if self._closed or self._closers_waiting:
+                while self._closed or self._closers_waiting:
+                    self._cond.wait()
             self._writers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writers -= 1
-                if self._writers == 0:
-                    self._cond.notify_all()
+
+    def exit_writer(self) -> None:
+        with self._lock:
+            self._writers -= 1
+            # Only a closer waits for the writers to leave; writers wait for closers (below).
+            if self._writers == 0 and self._closers_waiting:
+                self._cond.notify_all()
 
     @contextmanager
     def closed(self) -> Iterator[None]:
@@ -51,3 +58,20 @@ class WriteBarrier:
             with self._cond:
                 self._closed = False
                 self._cond.notify_all()
+
+
+class _WriterHold:
+    """The context manager `WriteBarrier.writer()` returns; shared by every writer (it keeps no
+    state of its own, so concurrent holders do not interfere)."""
+
+    __slots__ = ("enter", "exit")
+
+    def __init__(self, barrier: WriteBarrier) -> None:
+        self.enter = barrier.enter_writer
+        self.exit = barrier.exit_writer
+
+    def __enter__(self) -> None:
+        self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.exit()

@@ -70,6 +70,8 @@ class GroupHandle:
         self._store = store
         self._gone: NotFound | StorageError | None = None  # why there is no store any more
         self._gate = WriteBarrier()
+        # Every command of the LUN passes here: one shared hold object, no generator per command.
+        self._hold = _StoreHold(self)
 
     @property
     def store(self) -> GroupStore:
@@ -77,13 +79,17 @@ class GroupHandle:
         closing it right now; do I/O inside `use()`."""
         return self._store
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[GroupStore]:
-        """Hold while a command runs on the group's store (waits while a reopen swaps it)."""
-        with self._gate.writer():
-            if self._gone is not None:
-                raise type(self._gone)(str(self._gone))
-            yield self._store
+    def use(self) -> _StoreHold:
+        """Hold (`with handle.use() as store:`) while a command runs on the group's store
+        (waits while a reopen swaps it)."""
+        return self._hold
+
+    def _enter(self) -> GroupStore:
+        self._gate.enter_writer()
+        if self._gone is not None:
+            self._gate.exit_writer()
+            raise type(self._gone)(str(self._gone))
+        return self._store
 
     # The engine's side (StorageEngine, under its admin lock): close the gate, swap or retire.
 
@@ -97,6 +103,22 @@ class GroupHandle:
 
     def _retire(self, why: NotFound | StorageError) -> None:
         self._gone = why
+
+
+class _StoreHold:
+    """What `GroupHandle.use()` returns; shared by every command (it keeps no per-use state)."""
+
+    __slots__ = ("enter", "exit")
+
+    def __init__(self, handle: GroupHandle) -> None:
+        self.enter = handle._enter
+        self.exit = handle._gate.exit_writer
+
+    def __enter__(self) -> GroupStore:
+        return self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.exit()
 
 
 class GroupListener:
