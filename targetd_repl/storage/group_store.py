@@ -18,11 +18,12 @@ store), which only ever names a seq whose data every volume of the group had fda
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 Buffer = bytes | bytearray | memoryview
 # Received batches a secondary keeps in memory for its applier (beyond: read from the journal).
 RECEIVED_CACHE_BYTES = 64 << 20
+# Records read from the journal per before-image group commit when the secondary applies (bounds
+# the data held in memory at once).
+PRESERVE_AHEAD_RECORDS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,36 +324,44 @@ class GroupStore:
         """Steps 4-6 of write_batch for its journaled writes `todo` (seqs from `seq`, in list
         order), inside its write slot: each run of writes that continue one another (each
         starting where the one before it ends: disjoint, in seq order) reaches the volume as
-        ONE vectored write, after its before-images; runs go in seq order, so overlapping
+        ONE vectored write, after the before-images of the whole batch (one group commit
+        per snapshot, `SnapshotSet.before_write_many`); runs go in seq order, so overlapping
         writes land in journal order. Then each write's seq is marked applied and its hooks
         run. Appends (index, seq) to `applied` per write applied; a hook's error fails only
         its own write (in `results`)."""
         volume = ov.volume
         block_size = volume.block_size
         count = len(todo)
+        runs: list[tuple[int, int, int, int]] = []  # (start, stop, offset, end) into todo
         start = 0
         while start < count:
-            _, first_lba, offset, view = todo[start]
-            end = offset + view.nbytes
+            offset = todo[start][2]
+            end = offset + todo[start][3].nbytes
             stop = start + 1
             while stop < count and todo[stop][2] == end:
                 end += todo[stop][3].nbytes
                 stop += 1
+            runs.append((start, stop, offset, end))
+            start = stop
+        try:
+            # Ordering point: the before-images of every chunk the batch touches are durable
+            # (one record and one fdatasync per snapshot for the whole batch) before any of
+            # its overwrites starts.
+            ov.snapshots.before_write_many([(offset, end - offset) for _, _, offset, end in runs])
+        except BaseException as error:
+            self._stop_after_journaled(error)
+            raise
+        for start, stop, offset, end in runs:
             run = todo[start:stop]
             try:
-                # before_write returns once the before-images are durable: the overwrite
-                # follows. The run's range is checked as Volume.write checks a write; its
-                # bytes go with one pwritev straight from the callers' buffers (the ring's
-                # data area). Volume has no vectored write: its fd, used as its methods do.
-                ov.snapshots.before_write(offset, end - offset)
-                volume.check_range(first_lba, (end - offset) // block_size)
-                iov: list[bytes | memoryview] = [view] if stop - start == 1 else [t[3] for t in run]
+                # The run's range is checked as Volume.write checks a write; its bytes go
+                # with one pwritev straight from the callers' buffers (the ring's data area).
+                # Volume has no vectored write: its fd, used as its methods do.
+                volume.check_range(run[0][1], (end - offset) // block_size)
+                iov: list[bytes | memoryview] = [t[3] for t in run]
                 pwritev_all(volume._fileno(), iov, offset, end - offset)
             except BaseException as error:
-                # Journaled but not applied: stop the group; the replay at the next open
-                # applies the rest of the batch (as in _journal_and_apply).
-                self._failure = error
-                log.error("group %s: volume write failed after journaling: %s", self.name, error)
+                self._stop_after_journaled(error)
                 raise
             for i, _, write_offset, write_view in run:
                 self._applied.complete(seq)
@@ -364,7 +376,12 @@ class GroupStore:
                 except Exception as exc:
                     results[i] = exc
                 seq += 1
-            start = stop
+
+    def _stop_after_journaled(self, error: BaseException) -> None:
+        """A batch is journaled but could not be applied: stop the group; the replay at the
+        next open applies the rest of it (as in _journal_and_apply)."""
+        self._failure = error
+        log.error("group %s: volume write failed after journaling: %s", self.name, error)
 
     def write_zeros(self, volume_id: int, lba: int, nblocks: int) -> int:
         """Make blocks read as zeros (UNMAP, WRITE SAME of zeros); journaled without data."""
@@ -444,8 +461,7 @@ class GroupStore:
         except BaseException as error:
             # The journal now holds a record the volume lacks: stop the group; the replay at the
             # next open applies it. Serving on would let reads disagree with the journal.
-            self._failure = error
-            log.error("group %s: volume write failed after journaling: %s", self.name, error)
+            self._stop_after_journaled(error)
             raise
         self._applied.complete(seq)
         if self.on_written is not None:
@@ -676,9 +692,14 @@ class GroupStore:
             if start > durable:
                 break
             cached = self._received_from(start)
+            snapshots = self._has_snapshots()
             if isinstance(cached, tuple):
                 first, entries = cached
                 stop = min(len(entries), start - first + budget)
+                if snapshots:
+                    self._preserve_ahead(
+                        (e[0], e[2], e[4], e[3]) for e in entries[start - first : stop]
+                    )
                 for index in range(start - first, stop):
                     kind, _, volume_id, length, lba, _, data, _ = entries[index]
                     self._apply_received_one(first + index, kind, volume_id, lba, length, data)
@@ -686,17 +707,49 @@ class GroupStore:
                 continue
             last = durable if cached is None else min(durable, cached - 1)
             count = min(budget, last - start + 1)
-            for record in self._journal.read_from(start, count):
-                self._apply_received_one(
-                    record.seq,
-                    record.kind,
-                    record.volume_id,
-                    record.lba,
-                    record.length,
-                    record.data,
-                )
+            records = self._journal.read_from(start, count)
+            while chunk := list(itertools.islice(records, PRESERVE_AHEAD_RECORDS)):
+                if snapshots:
+                    self._preserve_ahead((r.kind, r.volume_id, r.lba, r.length) for r in chunk)
+                for record in chunk:
+                    self._apply_received_one(
+                        record.seq,
+                        record.kind,
+                        record.volume_id,
+                        record.lba,
+                        record.length,
+                        record.data,
+                    )
             budget -= count
         return self._applied.value
+
+    def _has_snapshots(self) -> bool:
+        return any(ov.snapshots.has_active for ov in self._volumes.values())
+
+    def _preserve_ahead(self, records: Iterable[tuple[int, int, int, int]]) -> None:
+        """Secondary apply: save the before-images of every chunk that a run of received
+        WRITE records (kind, volume id, lba, length) touches, with one group commit per
+        snapshot (`before_write_many`), before the first of them is applied. Saving early is
+        always safe: a chunk not yet preserved still holds its snapshot's image. Each record's
+        own before_write then finds its chunks kept (and still covers a snapshot created in
+        between). ZERO records (ranges with no data, possibly huge) and records this cannot
+        place (unknown volume, bad range) are left to the apply, which refuses the latter with
+        its precise error."""
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for kind, volume_id, lba, length in records:
+            ov = self._volumes.get(volume_id)
+            if kind != RecordKind.WRITE or ov is None or not ov.snapshots.has_active:
+                continue
+            offset = lba * ov.volume.block_size
+            if length > 0 and offset >= 0 and offset + length <= ov.volume.size_bytes:
+                spans.setdefault(volume_id, []).append((offset, length))
+        for volume_id, ranges in spans.items():
+            try:
+                # Ordering point: durable before-images before the run's first overwrite.
+                self._volumes[volume_id].snapshots.before_write_many(ranges)
+            except BaseException as error:
+                self._failure = error  # the snapshot failed closed: stop, as the apply would
+                raise
 
     def at_applied_seq(self, seq: int, action: Callable[[], T]) -> T:
         """Secondary (verify): apply received records up to exactly `seq`, then run `action`

@@ -3,7 +3,9 @@
 A snapshot is instant: creating it writes an empty before-image store. From then on the write
 path calls `SnapshotSet.before_write(offset, length)` before every volume write or zero; for each
 snapshot that has not yet preserved a chunk the range touches, the chunk's current bytes are
-appended to that snapshot's store and made durable (fdatasync) before `before_write` returns. A
+appended to that snapshot's store and made durable (fdatasync) before `before_write` returns
+(`before_write_many` does the same for a batch of ranges with one record and one fdatasync per
+snapshot: group commit for before-images). A
 snapshot's image is therefore: the preserved chunk where there is one, else the live volume
 (which has not changed there since the snapshot). The chunk size is the dirty-bitmap region size
 (default 64 KiB); a snapshot's last chunk is short when its size is not a multiple.
@@ -660,6 +662,43 @@ class SnapshotSet:
         with self._lock:
             return self._preserve_locked(offset, length)
 
+    def before_write_many(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """`before_write` for several (offset, length) ranges at once - one batch of the write
+        path - with one record and one fdatasync per snapshot (per MAX_RECORD_CHUNKS chunks)
+        for all the chunks they touch, instead of one per range: group commit for
+        before-images. Durable on return; the caller's volume writes of ALL the ranges start
+        only after this returns (then every chunk still holds its content from before the
+        batch, whatever order the writes overlap in). Meant for ranges whose data is in
+        memory (the chunk list is built whole). Returns (snapshot, chunk) pairs preserved."""
+        if len(ranges) == 1:
+            offset, length = ranges[0]
+            return self.before_write(offset, length)
+        snaps = tuple(self._snaps.values())  # an atomic copy: create/delete may run meanwhile
+        size = self._volume.size_bytes
+        for offset, length in ranges:
+            if length <= 0 or offset < 0 or offset + length > size:
+                self._check_range(offset, length)  # raises unless the range is empty
+        if not snaps:  # fast path: no snapshot, nothing to keep
+            return 0
+        cs = self._chunk_size
+        chunks = sorted(
+            {
+                c
+                for offset, length in ranges
+                if length > 0
+                for c in range(offset // cs, (offset + length - 1) // cs + 1)
+            }
+        )
+        # lock-free check first, as in before_write: published chunks stay preserved.
+        if all(c in s._index or c >= s.nchunks for s in snaps for c in chunks):
+            return 0
+        # hold the lock across check and preserve (see before_write).
+        with self._lock:
+            done = 0
+            for lo in range(0, len(chunks), MAX_RECORD_CHUNKS):
+                done += self._preserve_chunks(chunks[lo : lo + MAX_RECORD_CHUNKS])
+            return done
+
     def before_resize(self, new_size_bytes: int) -> int:
         """Call before resizing the volume: when shrinking, preserve the chunks past the new
         end for every snapshot (the shrink destroys them)."""
@@ -691,8 +730,9 @@ class SnapshotSet:
             done += self._preserve_chunks(range(lo, min(lo + MAX_RECORD_CHUNKS, last + 1)))
         return done
 
-    def _preserve_chunks(self, chunks: range) -> int:
-        """Preserve chunks (at most MAX_RECORD_CHUNKS) in every snapshot lacking them."""
+    def _preserve_chunks(self, chunks: Sequence[int]) -> int:
+        """Preserve chunks (sorted, at most MAX_RECORD_CHUNKS) in every snapshot lacking them:
+        one record and one fdatasync per snapshot."""
         cs = self._chunk_size
         needs: list[tuple[Snapshot, list[int]]] = []
         want: dict[int, int] = {}  # chunk -> bytes to read from the volume

@@ -30,6 +30,7 @@ from targetd_repl.errors import (
 from targetd_repl.model import RecordKind, Role
 from targetd_repl.storage.engine import GroupListener, StorageEngine
 from targetd_repl.storage.group_store import GroupSettings, GroupStore
+from tests.unit.test_snapshot import store_records
 
 BS = 512
 SIZE = 4 << 20  # 4 MiB volumes: 64 regions of 64 KiB
@@ -295,14 +296,22 @@ def test_kill9_loses_no_acknowledged_write(tmp_path: Path, seed: int) -> None:
     engine.close()
 
 
-def test_secondary_receives_and_applies_in_order(tmp_path: Path) -> None:
+def primary_and_secondary(
+    tmp_path: Path, volumes: tuple[str, ...]
+) -> tuple[StorageEngine, StorageEngine]:
+    """Two engines holding group "g" with `volumes`: primary at site-a, secondary at site-b."""
     primary = StorageEngine.open(tmp_path / "a", site="site-a", settings=SMALL)
     secondary = StorageEngine.open(tmp_path / "b", site="site-b", settings=SMALL)
     primary.create_group("g")
     secondary.create_group("g", Role.SECONDARY)
     for engine in (primary, secondary):
-        engine.create_volume("v1", SIZE, group="g")
-        engine.create_volume("v2", SIZE, group="g")
+        for name in volumes:
+            engine.create_volume(name, SIZE, group="g")
+    return primary, secondary
+
+
+def test_secondary_receives_and_applies_in_order(tmp_path: Path) -> None:
+    primary, secondary = primary_and_secondary(tmp_path, ("v1", "v2"))
     rng = random.Random(5)
     for _ in range(50):
         volume = rng.choice(["v1", "v2"])
@@ -470,3 +479,39 @@ def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("shipped", [False, True], ids=["from-journal", "from-memory"])
+def test_secondary_apply_saves_a_runs_before_images_in_one_record(
+    tmp_path: Path, shipped: bool
+) -> None:
+    """A secondary with a snapshot (a DR test copy, say) applies a run of received records
+    after saving the before-images of every chunk they touch in one store record (one
+    fdatasync), not one per record; the snapshot keeps the image it was taken at."""
+    primary, secondary = primary_and_secondary(tmp_path, ("v1",))
+    source, target = primary.group("g"), secondary.group("g")
+    rng = random.Random(9)
+    primary.write("v1", 0, rng.randbytes(SIZE))
+    target.receive(list(source.journal.read_from(source.journal.first_seq)))
+    target.apply_received()
+    secondary.create_snapshot("v1", "dr")
+    image = secondary.read("v1", 0, SIZE // BS)
+    region = SMALL.region_size // BS
+    first = source.journal.next_seq
+    for i in range(40):  # 20 chunks, each written twice; one write spans two chunks
+        lba = (i % 20) * 3 * region + rng.randrange(region - 8)
+        primary.write("v1", lba, bytes([i + 1]) * (4 * BS if i != 7 else region * BS))
+    primary.write_zeros("v1", 61 * region, 8)  # a ZERO record: preserved on its own
+    if shipped:
+        count, raw = source.journal.read_raw(first, 1 << 30)
+        vmap = {primary.group_of("v1")[1]: secondary.group_of("v1")[1]}
+        target.receive_shipped(raw, first, count, vmap)
+    else:
+        target.receive(list(source.journal.read_from(first)))
+    assert target.apply_received() == source.journal.durable_seq
+    assert secondary.read("v1", 0, SIZE // BS) == primary.read("v1", 0, SIZE // BS)
+    assert secondary.read_snapshot("v1", "dr", 0, SIZE // BS) == image
+    cow = secondary.state_dir / "snapshots" / "v1" / "dr.cow"
+    assert store_records(cow) == 2  # the run's 21 chunks in one record, the ZERO's chunk
+    primary.close()
+    secondary.close()

@@ -445,3 +445,38 @@ def test_reads_come_straight_from_the_volume_and_a_short_file_is_an_error(
     with pytest.raises(StorageError, match="truncated outside the controller"):
         store.readinto(vid, 8, memoryview(buf))
     engine.close()
+
+
+def test_a_batch_preserves_its_before_images_in_one_record(tmp_path: Path) -> None:
+    """With a snapshot, a batch's before-images are one group commit (one store record) that
+    precedes every overwrite of the batch: the snapshot reads the image from before the batch,
+    even where the batch's writes overlap one another."""
+    engine = open_engine(tmp_path)
+    engine.create_volume("v1", SIZE)
+    store, vid = engine.group_of("v1")
+    rng = random.Random(11)
+    engine.write("v1", 0, rng.randbytes(SIZE))
+    image = engine.read("v1", 0, BLOCKS)
+    engine.create_snapshot("v1", "before")
+    region = SMALL.region_size // BS  # blocks per chunk
+    writes = [  # overlapping runs over chunks 0-3, then chunk 5 and the last one
+        (region - 4, b"a" * (8 * BS)),
+        (region + 4, b"b" * (2 * region * BS)),
+        (region - 2, b"c" * (4 * BS)),
+        (5 * region, b"d" * BS),
+        (BLOCKS - 1, b"e" * BS),
+    ]
+    model = bytearray(image)
+    for lba, payload in writes:
+        model[lba * BS : lba * BS + len(payload)] = payload
+    assert store.write_batch(vid, writes) == [None] * len(writes)
+    assert engine.read("v1", 0, BLOCKS) == model
+    assert engine.read_snapshot("v1", "before", 0, BLOCKS) == image
+    cow = engine.state_dir / "snapshots" / "v1" / "before.cow"
+    raw = cow.read_bytes()
+    assert raw[64:68] == b"CoWr" and int.from_bytes(raw[68:72], "little") == 6  # one record
+    assert len(raw) == 64 + 16 + 6 * 8 + 6 * region * BS  # ...and nothing after it
+    engine.close()
+    reopened = open_engine(tmp_path)
+    assert reopened.read_snapshot("v1", "before", 0, BLOCKS) == image
+    reopened.close()

@@ -128,6 +128,61 @@ def test_catalogue_errors(env: tuple[Volume, SnapshotSet]) -> None:
         ss.before_write(vol.size_bytes, 1)  # still checked on the fast path
 
 
+def store_records(path: Path) -> int:
+    """How many records a store file holds (walking the record headers)."""
+    raw = path.read_bytes()
+    pos, count = STORE_HEADER_SIZE, 0
+    while pos + 16 <= len(raw) and raw[pos : pos + 4] == b"CoWr":
+        pos += 16 + int.from_bytes(raw[pos + 8 : pos + 12], "little")
+        count += 1
+    assert pos == len(raw)
+    return count
+
+
+def test_before_write_many_is_one_record_per_snapshot(env: tuple[Volume, SnapshotSet]) -> None:
+    """Group commit for before-images: a batch of ranges preserves every chunk they touch with
+    one record (one fdatasync) per snapshot, before any of the batch's overwrites."""
+    vol, ss = env
+    before = vol.pread(0, vol.size_bytes)
+    s1 = ss.create("s1")
+    cow_write(ss, vol, 7 * CS, b"q" * 10)  # chunk 7 already preserved in s1
+    s2 = ss.create("s2")
+    mid = vol.pread(0, vol.size_bytes)
+    # overlapping, out of order, one spanning two chunks, one empty, the short last chunk
+    batch = [(5 * CS + 10, 100), (CS - 50, 100), (5 * CS, 4000), (3 * CS, 0), (8 * CS, BS)]
+    assert ss.before_write_many(batch) == 4 + 4  # chunks 0, 1, 5, 8 in each snapshot
+    assert store_records(s1.path) == 2 and store_records(s2.path) == 1
+    for i, (offset, length) in enumerate(batch):  # the overwrites, after the call returned
+        vol.pwrite(offset, bytes([0x60 + i]) * length)
+    assert s1.preserved_regions() == [0, 1, 5, 7, 8] and s2.preserved_regions() == [0, 1, 5, 8]
+    assert s1.read_bytes(0, vol.size_bytes) == before
+    assert s2.read_bytes(0, vol.size_bytes) == mid
+    assert ss.before_write_many([(0, 10), (5 * CS, CS)]) == 0  # all kept: nothing written
+    assert store_records(s1.path) == 2
+    assert ss.before_write_many([(2 * CS, 10)]) == 2  # a single range: before_write's path
+    with pytest.raises(OutOfRange):
+        ss.before_write_many([(6 * CS, 10), (vol.size_bytes - 1, 2)])
+    with pytest.raises(InvalidArgument):
+        ss.before_write_many([(6 * CS, 10), (0, -1)])
+    assert not s1.is_preserved(6)  # a batch with a bad range preserves nothing
+    ss.delete("s1")
+    ss.delete("s2")
+    assert ss.before_write_many([(0, 10), (CS, 10)]) == 0
+    with pytest.raises(OutOfRange):
+        ss.before_write_many([(0, 10), (vol.size_bytes, 1)])  # still checked on the fast path
+
+
+def test_before_write_many_splits_big_batches(tmp_path: Path) -> None:
+    vol = Volume.create(tmp_path / "big.img", size_bytes=CS * 600, block_size=BS)
+    with SnapshotSet(tmp_path / "snaps", vol, chunk_size=CS) as ss:
+        snap = ss.create("s")
+        ranges = [(c * CS, 1) for c in range(0, 600, 2)]  # 300 chunks: 256 + 44
+        assert ss.before_write_many(ranges) == 300
+        assert store_records(snap.path) == 2
+        assert snap.preserved_regions() == list(range(0, 600, 2))
+    vol.close()
+
+
 def test_many_snapshots_each_see_their_time(env: tuple[Volume, SnapshotSet]) -> None:
     vol, ss = env
     rng = random.Random(1)
@@ -599,19 +654,29 @@ _CHILD = textwrap.dedent(
     ss = SnapshotSet(sys.argv[2], vol, chunk_size=int(sys.argv[3]))
     rng = random.Random(int(sys.argv[4]))
     print("ready", flush=True)
+    batched = sys.argv[5] == "batch"
     while True:
-        off = rng.randrange(vol.num_blocks) * 512
-        length = min(rng.choice([512, 4096, 65536, 1 << 20, 20 << 20]), vol.size_bytes - off)
-        ss.before_write(off, length)
-        vol.pwrite(off, rng.randbytes(length))
+        writes = []
+        for _ in range(rng.randrange(1, 33) if batched else 1):
+            off = rng.randrange(vol.num_blocks) * 512
+            length = min(rng.choice([512, 4096, 65536, 1 << 20, 20 << 20]), vol.size_bytes - off)
+            writes.append((off, rng.randbytes(length)))
+        if batched:  # the write path's batch: every before-image first, then the overwrites
+            ss.before_write_many([(off, len(data)) for off, data in writes])
+        else:
+            ss.before_write(writes[0][0], len(writes[0][1]))
+        for off, data in writes:
+            vol.pwrite(off, data)
     """
 )
 
 
+@pytest.mark.parametrize("mode", ["single", "batch"])
 @pytest.mark.parametrize("seed", range(4))
-def test_sigkill_during_cow_writes(tmp_path: Path, seed: int) -> None:
+def test_sigkill_during_cow_writes(tmp_path: Path, seed: int, mode: str) -> None:
     """A writer killed at a random moment: the snapshot still reads the image at snapshot time
-    (a store record cut by the kill is a torn tail; its chunk was never overwritten)."""
+    (a store record cut by the kill is a torn tail; its chunks were never overwritten), one
+    range at a time (`before_write`) or in batches (`before_write_many`)."""
     rng = random.Random(seed)
     cs = 64 * 1024
     vol = Volume.create(tmp_path / "k.img", size_bytes=48 << 20, block_size=BS)
@@ -621,7 +686,16 @@ def test_sigkill_during_cow_writes(tmp_path: Path, seed: int) -> None:
     with SnapshotSet(tmp_path / "snaps", vol, chunk_size=cs) as ss:
         ss.create("before")
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(vol.path), str(tmp_path / "snaps"), str(cs), str(seed)],
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            str(vol.path),
+            str(tmp_path / "snaps"),
+            str(cs),
+            str(seed),
+            mode,
+        ],
         stdout=subprocess.PIPE,
     )
     try:
